@@ -1,0 +1,97 @@
+"""Dataclass configs: load from YAML, override with ``key=value`` (dotted keys for nested)."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _resolve_types(cls) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:  # pragma: no cover - fall back to raw annotations
+        return {f.name: f.type for f in dataclasses.fields(cls)}
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
+    """Build dataclass ``cls`` from ``data``; unknown keys raise ``ConfigError`` naming valid ones."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section {where or cls.__name__} must be a mapping, got {type(data).__name__}")
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key(s) {', '.join(where + k for k in unknown)} for {cls.__name__}; "
+            f"valid keys: {', '.join(sorted(names))}"
+        )
+    types = _resolve_types(cls)
+    kwargs = {}
+    for k, v in data.items():
+        tp = types.get(k)
+        if dataclasses.is_dataclass(tp):
+            kwargs[k] = from_dict(tp, v, where=f"{where}{k}.")
+        elif typing.get_origin(tp) is tuple and isinstance(v, list):
+            kwargs[k] = tuple(v)
+        elif tp is float and isinstance(v, int) and not isinstance(v, bool):
+            kwargs[k] = float(v)
+        else:
+            kwargs[k] = v
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``["train.lr=1e-4", "beta=5000"]`` -> nested dict updates (values parsed as YAML)."""
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"override {ov!r} is not key=value (e.g. beta=5000 or model.steps=10)")
+        key, raw = ov.split("=", 1)
+        val = yaml.safe_load(raw) if raw != "" else ""
+        node = data
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = val
+    return data
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None, base: T | None = None) -> T:
+    """Defaults of ``cls`` (or ``base``) <- YAML file ``path`` <- ``overrides``."""
+    data: dict[str, Any] = to_dict(base) if base is not None else {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} not found")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of keys to values")
+        _deep_update(data, loaded)
+    apply_overrides(data, list(overrides or []))
+    return from_dict(cls, data)
+
+
+def _deep_update(dst: dict, src: dict) -> None:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _deep_update(dst[k], v)
+        else:
+            dst[k] = v
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,156 @@
+"""Pretraining the tiny policy (how the shipped checkpoint is made).
+
+Each step: random HR crops of the bundled training photographs -> degraded on the fly -> a
+batch split between the flow-matching objective (``dsm`` at t ~ U[0,1]) and the noise-aware
+one-step objective (x̂0 from ``onestep`` regressed to the HR residual, as NAOSD trains it).
+The saved weights are an EMA of the trained ones.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..config import save_config
+from ..data.degradation import SimpleDegradationConfig, simple_degradation
+from ..data.images import center_crop, load_bundled, random_crops
+from ..policies.tiny import TinyPolicy, TinyPolicyConfig
+from ..rewards.functional import psnr_y
+from .checkpoint import has_checkpoint, load_training_state, save_training_state
+from .logging_utils import MetricLogger
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PretrainConfig:
+    """Settings of ``sralign pretrain`` (CPU-scale defaults)."""
+
+    steps: int = 3000
+    batch_size: int = 16
+    patch: int = 64  # HR patch size
+    lr: float = 1e-3
+    lr_min: float = 1e-4  # cosine decay target
+    warmup: int = 100
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    onestep_fraction: float = 0.25  # share of each batch trained on the one-step objective
+    onestep_weight: float = 2.0  # weight of the one-step x̂0 regression loss
+    seed: int = 0
+    checkpoint_every: int = 250
+    eval_every: int = 250
+    policy: TinyPolicyConfig = field(default_factory=TinyPolicyConfig)
+    degradation: SimpleDegradationConfig = field(default_factory=SimpleDegradationConfig)
+
+
+def lr_at(step: int, cfg: PretrainConfig) -> float:
+    import math
+
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    p = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (1 + math.cos(math.pi * min(1.0, p)))
+
+
+def pretrain_loss(policy: TinyPolicy, hr: torch.Tensor, lr_img: torch.Tensor, gen: torch.Generator, onestep_fraction: float, onestep_weight: float = 2.0) -> tuple[torch.Tensor, dict]:
+    b = hr.shape[0]
+    cond = policy.condition(lr_img)
+    n_one = int(round(b * onestep_fraction))
+    eps = torch.randn(hr.shape, generator=gen)
+    losses = {}
+    total = hr.new_zeros(())
+    if b - n_one > 0:
+        idx = slice(n_one, b)
+        t = torch.rand(b - n_one, generator=gen).clamp(1e-3, 1.0)
+        l_fm = policy.dsm(hr[idx], cond.index(idx), t, eps[idx]).mean()
+        total = total + l_fm
+        losses["loss_fm"] = float(l_fm.detach())
+    if n_one > 0:
+        idx = slice(0, n_one)
+        c1 = cond.index(idx)
+        r_hat = policy.onestep(eps[idx], c1)
+        r = policy.to_residual(hr[idx], c1)
+        l_one = onestep_weight * ((r_hat - r) ** 2).mean()
+        total = total + l_one
+        losses["loss_onestep"] = float(l_one.detach())
+    return total, losses
+
+
+@torch.no_grad()
+def evaluate_psnr(policy: TinyPolicy, hr: torch.Tensor, lr_img: torch.Tensor, steps: int = 10, seed: int = 0) -> dict:
+    cond = policy.condition(lr_img)
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(policy.noise_shape(cond), generator=g)
+    ode = policy.sample(cond, noise, sampler="ode", steps=steps).images
+    one = policy.sample(cond, noise, sampler="onestep").images
+    border = policy.scale
+    return {
+        "psnr_ode": float(psnr_y(ode, hr, border).mean()),
+        "psnr_onestep": float(psnr_y(one, hr, border).mean()),
+        "psnr_bicubic": float(psnr_y(cond.lr_up, hr, border).mean()),
+    }
+
+
+def pretrain(cfg: PretrainConfig, out: str | Path, resume: bool = False, progress: bool = True) -> TinyPolicy:
+    """Train the tiny policy; writes ``out/model`` (the EMA checkpoint) and ``out/checkpoint``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    torch.manual_seed(cfg.seed)
+    policy = TinyPolicy(cfg.policy)
+    ema = copy.deepcopy(policy.model).requires_grad_(False)
+    opt = torch.optim.AdamW(policy.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    train_imgs = [img for _, img in load_bundled("train")]
+    held = load_bundled("heldout")
+    eval_gen = torch.Generator().manual_seed(1234)
+    hr_eval = torch.stack([center_crop(img, 128) for _, img in held])
+    lr_eval = simple_degradation(hr_eval, cfg.policy.scale, eval_gen, cfg.degradation)
+
+    start = 0
+    ckpt_dir = out / "checkpoint"
+    if resume and has_checkpoint(ckpt_dir):
+        meta = load_training_state(ckpt_dir, {"model": policy.model, "ema": ema}, opt, {"data": gen})
+        start = meta["step"]
+        log.info("resumed from step %d", start)
+    logger = MetricLogger(out, resume_step=start if resume else None)
+    pbar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="pretrain", disable=not progress)
+    t0 = time.time()
+    for step in pbar:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        hr = random_crops(train_imgs, cfg.batch_size, cfg.patch, gen)
+        lr_img = simple_degradation(hr, cfg.policy.scale, gen, cfg.degradation)
+        loss, parts = pretrain_loss(policy, hr, lr_img, gen, cfg.onestep_fraction, cfg.onestep_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(policy.model.parameters(), cfg.grad_clip)
+        opt.step()
+        with torch.no_grad():
+            for pe, pm in zip(ema.parameters(), policy.model.parameters()):
+                pe.lerp_(pm, 1 - cfg.ema_decay)
+        pbar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+        rec = {"loss": float(loss.detach()), "grad_norm": float(gn), "lr": lr_at(step, cfg), **parts}
+        done = step + 1
+        if done % cfg.eval_every == 0 or done == cfg.steps:
+            live = policy.model
+            policy.model, policy._active = ema, ema
+            rec.update(evaluate_psnr(policy, hr_eval, lr_eval))
+            policy.model, policy._active = live, live
+            log.info("step %d %s", done, {k: round(v, 4) for k, v in rec.items()})
+        logger.log(step, **rec)
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            save_training_state(ckpt_dir, done, {"model": policy.model, "ema": ema}, opt, generators={"data": gen})
+    logger.close()
+    final = TinyPolicy(cfg.policy)
+    final.model.load_state_dict(ema.state_dict())
+    final.save(out / "model")
+    log.info("pretrain done in %.1f min; model at %s", (time.time() - t0) / 60, out / "model")
+    return final
