@@ -173,3 +173,61 @@ def center_crop(img: Tensor, size: int) -> Tensor:
     _, h, w = img.shape
     y, x = (h - size) // 2, (w - size) // 2
     return img[:, y : y + size, x : x + size]
+
+
+# ---------------------------------------------------------------------- datasets
+class ImageFolder:
+    """The readable images of a folder (non-recursive, sorted), as [3,H,W] tensors in [0,1].
+
+    Files that are not readable images (corrupt, text, too small) are reported by name with a
+    warning and skipped; ``skipped`` lists them with the reason.
+    """
+
+    def __init__(self, folder: str | os.PathLike, min_size: int = MIN_SIZE, preload: bool = False):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise ImageError(f"{self.folder}: not a folder")
+        self.paths: list[Path] = []
+        self.skipped: list[tuple[Path, str]] = []
+        self._cache: dict[int, Tensor] = {}
+        for p in sorted(q for q in self.folder.iterdir() if q.is_file() and not q.name.startswith(".")):
+            try:
+                img = load_image(p, min_size=min_size)
+            except ImageError as e:
+                log.warning("skipping %s", e)
+                self.skipped.append((p, str(e)))
+                continue
+            if preload:
+                self._cache[len(self.paths)] = img
+            self.paths.append(p)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> Tensor:
+        return self._cache[i] if i in self._cache else load_image(self.paths[i])
+
+    def name(self, i: int) -> str:
+        return self.paths[i].stem
+
+
+class PairedPatches:
+    """(HR, LR) patch batches made on the fly: random HR crops, degraded by ``degrade``.
+
+    Args:
+        images: HR images [3,H,W].
+        patch: HR patch size (divisible by ``scale``).
+        degrade: callable (hr [B,3,H,W], generator) -> lr [B,3,H/s,W/s].
+    """
+
+    def __init__(self, images: list[Tensor], patch: int, scale: int, degrade):
+        if patch % scale:
+            raise ValueError(f"patch {patch} not divisible by scale {scale}")
+        small = [i for i, im in enumerate(images) if min(im.shape[1:]) < patch]
+        if small:
+            raise ValueError(f"images {small} are smaller than the patch size {patch}")
+        self.images, self.patch, self.scale, self.degrade = images, patch, scale, degrade
+
+    def batch(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        hr = random_crops(self.images, n, self.patch, generator)
+        return hr, self.degrade(hr, generator)

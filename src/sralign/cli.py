@@ -1,0 +1,192 @@
+"""The ``sralign`` command line (one entry point, subcommands; see README)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("sralign")
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit code 2."""
+
+
+# ----------------------------------------------------------------------------- sr
+def cmd_sr(args: argparse.Namespace) -> int:
+    from .colorfix import COLOR_FIXES
+    from .data.images import IMAGE_EXTENSIONS, ImageError, load_image, save_image
+    from .inference import super_resolve
+    from .policies import PolicyLoadError, load_policy
+
+    src = Path(args.input)
+    if not src.exists():
+        raise CLIError(f"{src}: no such file or folder")
+    if args.colorfix not in COLOR_FIXES:
+        raise CLIError(f"--colorfix must be one of {', '.join(COLOR_FIXES)}")
+    if src.is_dir():
+        files = sorted(p for p in src.iterdir() if p.is_file() and not p.name.startswith("."))
+        if not files:
+            raise CLIError(f"{src}: folder holds no files")
+        out_dir = Path(args.output)
+        targets = [(f, out_dir / (f.stem + ".png")) for f in files]
+    else:
+        out = Path(args.output)
+        if out.suffix.lower() in IMAGE_EXTENSIONS:
+            targets = [(src, out)]
+        else:
+            targets = [(src, out / (src.stem + ".png"))]
+    try:
+        policy = load_policy(args.policy)
+    except PolicyLoadError as e:
+        raise CLIError(str(e)) from None
+    policy.model.eval()
+    from tqdm.auto import tqdm
+
+    failed = 0
+    for f, dst in tqdm(targets, desc="sr", disable=len(targets) < 2 or args.quiet):
+        try:
+            lr = load_image(f)
+        except ImageError as e:
+            print(f"sralign sr: skipped {e}", file=sys.stderr)
+            failed += 1
+            continue
+        sr = super_resolve(policy, lr, seed=args.seed, sampler=args.sampler, steps=args.steps, tile=args.tile, overlap=args.overlap, colorfix=args.colorfix)
+        save_image(sr, dst)
+        if not args.quiet:
+            print(f"{f} -> {dst} ({lr.shape[2]}x{lr.shape[1]} -> {sr.shape[2]}x{sr.shape[1]})")
+    ok = len(targets) - failed
+    if failed:
+        print(f"sralign sr: {ok} written, {failed} failed", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ----------------------------------------------------------------------------- degrade
+def cmd_degrade(args: argparse.Namespace) -> int:
+    import torch
+
+    from .config import load_config
+    from .data.degradation import RealESRGANConfig, RealESRGANDegradation
+    from .data.images import ImageError, load_image, save_image
+
+    src = Path(args.input)
+    if not src.exists():
+        raise CLIError(f"{src}: no such file or folder")
+    cfg = load_config(RealESRGANConfig, args.config, [f"scale={args.scale}"])
+    deg = RealESRGANDegradation(cfg)
+    files = sorted(p for p in src.iterdir() if p.is_file() and not p.name.startswith(".")) if src.is_dir() else [src]
+    out = Path(args.output)
+    from tqdm.auto import tqdm
+
+    failed = []
+    for i, f in enumerate(tqdm(files, desc="degrade", disable=args.quiet or len(files) < 2)):
+        try:
+            hr = load_image(f)
+        except ImageError as e:
+            print(f"sralign degrade: skipped {e}", file=sys.stderr)
+            failed.append(f.name)
+            continue
+        _, h, w = hr.shape
+        h2, w2 = h - h % cfg.scale, w - w % cfg.scale  # crop to a multiple of the scale
+        if min(h2, w2) < cfg.scale:
+            print(f"sralign degrade: skipped {f}: too small for scale {cfg.scale}", file=sys.stderr)
+            failed.append(f.name)
+            continue
+        g = torch.Generator().manual_seed(args.seed * 1_000_003 + i)
+        lr = deg(hr[None, :, :h2, :w2], g)[0]
+        save_image(lr, (out / (f.stem + ".png")) if src.is_dir() or out.suffix == "" else out)
+    if failed:
+        print(f"sralign degrade: {len(files) - len(failed)} written, {len(failed)} failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ----------------------------------------------------------------------------- pretrain
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .train.pretrain import PretrainConfig, pretrain
+
+    cfg = load_config(PretrainConfig, args.config, args.overrides)
+    pretrain(cfg, args.out, resume=args.resume, progress=not args.quiet)
+    print(f"model written to {Path(args.out) / 'model'}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- demo
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, quick=args.quick, progress=not args.quiet)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sralign", description="Align generative SR models with perceptual preferences.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="the main job on the embedded default (tiny policy, bundled photos)")
+    d.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
+    d.add_argument("--quick", action="store_true", help="a smaller budget (for tests)")
+    d.add_argument("--quiet", action="store_true")
+    d.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("sr", help="super-resolve an image or a folder of images")
+    s.add_argument("input", help="an image file or a folder")
+    s.add_argument("output", help="output PNG (for one input file) or folder")
+    s.add_argument("--policy", default="tiny", help="'tiny' (shipped) or a checkpoint folder")
+    s.add_argument("--sampler", default="ode", choices=["ode", "sde", "onestep"])
+    s.add_argument("--steps", type=int, default=20)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--tile", type=int, default=128, help="LR tile size; 0 = no tiling")
+    s.add_argument("--overlap", type=int, default=16, help="tile overlap in LR pixels")
+    s.add_argument("--colorfix", default="none", help="none | adain | wavelet")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_sr)
+
+    g = sub.add_parser("degrade", help="make LR images with the Real-ESRGAN second-order degradation")
+    g.add_argument("input", help="an HR image or a folder")
+    g.add_argument("output", help="output folder (or a .png for one input file)")
+    g.add_argument("--scale", type=int, default=4)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--config", default=None, help="YAML with RealESRGANConfig fields")
+    g.add_argument("--quiet", action="store_true")
+    g.set_defaults(func=cmd_degrade)
+
+    t = sub.add_parser("pretrain", help="train the tiny base policy (how the shipped checkpoint was made)")
+    t.add_argument("--out", default="runs/pretrain")
+    t.add_argument("--config", default=None, help="YAML file with PretrainConfig fields")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    t.add_argument("--quiet", action="store_true")
+    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=500 policy.scale=2")
+    t.set_defaults(func=cmd_pretrain)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except CLIError as e:
+        print(f"sralign {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"sralign {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # config errors and the like: one line, not a traceback
+        from .config import ConfigError
+
+        if isinstance(e, ConfigError):
+            print(f"sralign {args.command}: error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
