@@ -105,6 +105,72 @@ def cmd_degrade(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- score
+def cmd_score(args: argparse.Namespace) -> int:
+    import csv
+
+    import torch
+    from tqdm.auto import tqdm
+
+    from .data.images import ImageError, load_image
+    from .rewards.base import MetricError
+    from .rewards.registry import get_metric
+
+    sr_dir = Path(args.sr)
+    if not sr_dir.is_dir():
+        raise CLIError(f"{sr_dir}: not a folder of SR images")
+    names = [n.strip() for n in args.metrics.split(",") if n.strip()]
+    kw = {"weights_dir": args.weights_dir} if args.weights_dir else {}
+    try:
+        metrics = [get_metric(n, **kw) if n.lower().startswith("pyiqa:") else get_metric(n) for n in names]
+    except (MetricError, FileNotFoundError) as e:
+        raise CLIError(str(e)) from None
+    if any(m.kind == "FR" for m in metrics) and not args.hr:
+        fr = ", ".join(m.name for m in metrics if m.kind == "FR")
+        raise CLIError(f"full-reference metrics ({fr}) need --hr HR_DIR")
+    hr_dir = Path(args.hr) if args.hr else None
+    files = sorted(p for p in sr_dir.iterdir() if p.is_file() and not p.name.startswith("."))
+    rows, failed = [], 0
+    for f in tqdm(files, desc="score", disable=args.quiet):
+        try:
+            sr = load_image(f)[None]
+            hr = None
+            if hr_dir is not None:
+                cands = [p for p in hr_dir.glob(f.stem + ".*")]
+                if not cands:
+                    raise ImageError(f"{f}: no HR image named {f.stem}.* in {hr_dir}")
+                hr = load_image(cands[0])[None]
+                if hr.shape != sr.shape:
+                    raise ImageError(f"{f}: SR is {sr.shape[3]}x{sr.shape[2]} but HR {cands[0].name} is {hr.shape[3]}x{hr.shape[2]}")
+            row = {"image": f.name}
+            for m in metrics:
+                v = float(m(sr, hr if m.kind == "FR" else None)[0])
+                if not torch.isfinite(torch.tensor(v)):
+                    raise MetricError(f"{f}: metric {m.name} returned {v}")
+                row[m.name] = f"{v:.6f}"
+            rows.append(row)
+        except (ImageError, MetricError) as e:
+            print(f"sralign score: skipped {e}", file=sys.stderr)
+            failed += 1
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    with tmp.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["image", *[m.name for m in metrics]])
+        w.writeheader()
+        w.writerows(rows)
+    tmp.replace(out)
+    if rows and not args.quiet:
+        for m in metrics:
+            vals = [float(r[m.name]) for r in rows]
+            print(f"{m.name:>14s} ({m.kind}, {'higher' if m.higher_is_better else 'lower'} is better): mean {sum(vals) / len(vals):.4f} over {len(vals)} images")
+    print(f"wrote {out} ({len(rows)} rows)")
+    if failed:
+        print(f"sralign score: {len(rows)} scored, {failed} failed", file=sys.stderr)
+        return 1
+    return 0
+
+
 # ----------------------------------------------------------------------------- pretrain
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from .config import load_config
@@ -156,6 +222,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--config", default=None, help="YAML with RealESRGANConfig fields")
     g.add_argument("--quiet", action="store_true")
     g.set_defaults(func=cmd_degrade)
+
+    c = sub.add_parser("score", help="score images with IQA metrics by name -> CSV")
+    c.add_argument("sr", help="folder of SR images")
+    c.add_argument("--hr", default=None, help="folder of HR images with the same file stems (FR metrics)")
+    c.add_argument("--metrics", default="psnr,ssim,brisque,niqe_s", help="comma-separated names; pyiqa:NAME for pyiqa")
+    c.add_argument("--weights-dir", default=None, help="folder holding pyiqa weight files")
+    c.add_argument("--out", default="scores.csv")
+    c.add_argument("--quiet", action="store_true")
+    c.set_defaults(func=cmd_score)
 
     t = sub.add_parser("pretrain", help="train the tiny base policy (how the shipped checkpoint was made)")
     t.add_argument("--out", default="runs/pretrain")

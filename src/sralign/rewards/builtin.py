@@ -1,0 +1,44 @@
+"""Built-in metrics that need no downloads (registered by name in ``registry``)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .functional import crop_border, mean_gradient, psnr_y, rgb_to_y
+
+
+def _gauss11(dtype, device) -> Tensor:
+    ax = torch.arange(11, dtype=torch.float64) - 5
+    g = torch.exp(-(ax**2) / (2 * 1.5**2))
+    g = g / g.sum()
+    return (g[:, None] * g[None, :]).to(dtype=dtype, device=device)[None, None]
+
+
+def ssim_y(sr: Tensor, hr: Tensor, border: int = 0) -> Tensor:
+    """SSIM on the Y channel (Wang et al.; 11×11 Gaussian σ=1.5, K1=0.01, K2=0.03, data range 1,
+    mean over the valid region) — skimage's ``structural_similarity(gaussian_weights=True,
+    use_sample_covariance=False, data_range=1)`` convention. [B]"""
+    x = crop_border(rgb_to_y(sr.double()), border)
+    y = crop_border(rgb_to_y(hr.double()), border)
+    w = _gauss11(x.dtype, x.device)
+    c1, c2 = 0.01**2, 0.03**2
+    mx, my = F.conv2d(x, w), F.conv2d(y, w)
+    sxx = F.conv2d(x * x, w) - mx * mx
+    syy = F.conv2d(y * y, w) - my * my
+    sxy = F.conv2d(x * y, w) - mx * my
+    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
+    return s.flatten(1).mean(1).to(sr.dtype)
+
+
+def sharpness(sr: Tensor) -> Tensor:
+    """Mean Sobel gradient magnitude of Y (×10): a texture / detail measure. Higher = more
+    detail; it also rises with noise, so use it beside a fidelity metric."""
+    return 10 * mean_gradient(sr)
+
+
+def gradient_fidelity(sr: Tensor, hr: Tensor) -> Tensor:
+    """−|log(G(sr)/G(hr))| with G the mean gradient magnitude: 0 when SR is exactly as sharp
+    as HR, negative when over-smoothed or over-sharpened. Higher is better."""
+    return -(torch.log(mean_gradient(sr) + 1e-6) - torch.log(mean_gradient(hr) + 1e-6)).abs()

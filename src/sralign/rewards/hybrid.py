@@ -1,0 +1,106 @@
+"""Group rewards: DP²O-SR's hybrid FR+NR reward and per-group normalisation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .base import Metric, MetricError, RewardOut
+from .registry import get_metric
+
+
+def check_finite(name: str, scores: Tensor) -> Tensor:
+    """Raise ``MetricError`` naming the metric (and the first bad group/member) on NaN/inf."""
+    bad = ~torch.isfinite(scores)
+    if bad.any():
+        pos = bad.nonzero()[0].tolist()
+        raise MetricError(f"metric {name} returned {float(scores[tuple(pos)])} at position {pos} (group, member); "
+                          f"check the image for constant or empty content, or drop the metric")
+    return scores
+
+
+def group_minmax(x: Tensor, higher_is_better: bool = True) -> Tensor:
+    """Direction-align and min-max normalise each row of x [n,G] to [0,1] (zero range -> 0.5)."""
+    a = x if higher_is_better else -x
+    lo = a.amin(dim=1, keepdim=True)
+    hi = a.amax(dim=1, keepdim=True)
+    rng = hi - lo
+    flat = rng <= 1e-12 * hi.abs().clamp_min(1.0)
+    return torch.where(flat, torch.full_like(a, 0.5), (a - lo) / torch.where(flat, torch.ones_like(rng), rng))
+
+
+def score_group(metrics: list[Metric], sr: Tensor, hr: Tensor | None) -> dict[str, Tensor]:
+    """Raw scores [n,G] of every metric on sr [n,G,3,H,W] (hr [n,3,H,W] repeated for FR)."""
+    n, g = sr.shape[:2]
+    flat = sr.reshape(n * g, *sr.shape[2:])
+    hr_rep = hr.repeat_interleave(g, dim=0) if hr is not None else None
+    out = {}
+    for m in metrics:
+        s = m(flat, hr_rep if m.kind == "FR" else None).reshape(n, g)
+        out[m.name] = check_finite(m.name, s)
+    return out
+
+
+@dataclass
+class HybridReward:
+    """DP²O-SR's hybrid reward: R = w_fr·mean(norm FR) + w_nr·mean(norm NR).
+
+    Each metric is direction-aligned and min-max normalised *within each LR's group*. With only
+    FR (or only NR) metrics the reward is that side's mean. ``metric_weights`` weight metrics
+    inside their side (default 1 each). Paper: FR = LPIPS, TOPIQ-FR, A-FINE-FR; NR = MANIQA,
+    MUSIQ, CLIPIQA+, TOPIQ-NR, A-FINE-NR, Q-Align; the built-in default needs no downloads.
+    """
+
+    fr: list[Metric] = field(default_factory=list)
+    nr: list[Metric] = field(default_factory=list)
+    fr_weight: float = 0.5
+    nr_weight: float = 0.5
+    metric_weights: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def from_names(cls, fr: list[str], nr: list[str], **kw) -> "HybridReward":
+        fm, nm = [get_metric(n) for n in fr], [get_metric(n) for n in nr]
+        for m in fm:
+            if m.kind != "FR":
+                raise MetricError(f"{m.name} is a no-reference metric; list it under the NR set")
+        for m in nm:
+            if m.kind != "NR":
+                raise MetricError(f"{m.name} is a full-reference metric; list it under the FR set")
+        return cls(fm, nm, **kw)
+
+    @property
+    def metrics(self) -> list[Metric]:
+        return [*self.fr, *self.nr]
+
+    @property
+    def names(self) -> list[str]:
+        return [m.name for m in self.metrics]
+
+    def __call__(self, sr: Tensor, hr: Tensor | None = None) -> RewardOut:
+        if self.fr and hr is None:
+            raise MetricError("the hybrid reward has FR metrics: pass hr, or use NR metrics only")
+        return self.from_scores(score_group(self.metrics, sr, hr))
+
+    def from_scores(self, raw: dict[str, Tensor]) -> RewardOut:
+        """The reward from stored raw scores {metric name: [n,G]} (e.g. from a candidate store)."""
+        norm = {}
+        for m in self.metrics:
+            if m.name not in raw:
+                raise MetricError(f"no scores for metric {m.name}")
+            norm[m.name] = group_minmax(check_finite(m.name, raw[m.name]), m.higher_is_better)
+
+        def side(ms):
+            if not ms:
+                return None
+            w = torch.tensor([self.metric_weights.get(m.name, 1.0) for m in ms])
+            stack = torch.stack([norm[m.name] for m in ms])
+            return (w[:, None, None] * stack).sum(0) / w.sum()
+
+        f, n = side(self.fr), side(self.nr)
+        if f is not None and n is not None:
+            total = (self.fr_weight * f + self.nr_weight * n) / (self.fr_weight + self.nr_weight)
+        else:
+            total = f if f is not None else n
+        return RewardOut(total=total, per_metric={k: raw[k] for k in self.names}, normalized=norm)
