@@ -47,6 +47,7 @@ class TinyPolicyConfig:
     t_noise: float = 0.25  # one-step mode: noise level of the input (250 / 1000)
     t_diff: float = 0.10  # one-step mode: timestep given to the network (100 / 1000)
     sde_noise_level: float = 0.7  # Flow-GRPO's η
+    ode_start: float = 1.0  # ode/sde start at this noise level from start·ε (1 = pure noise)
     unet: UNetConfig = field(default_factory=UNetConfig)
 
     @classmethod
@@ -65,11 +66,13 @@ class _Net(nn.Module):
         self.unet = TinyUNet(cfg.unet)
 
 
-def sigma_schedule(steps: int, device=None) -> Tensor:
-    """Noise levels [steps+1] from 1 down to 0 (uniform in t)."""
+def sigma_schedule(steps: int, device=None, start: float = 1.0) -> Tensor:
+    """Noise levels [steps+1] from ``start`` down to 0 (uniform in t)."""
     if not 1 <= steps <= 1000:
         raise ValueError(f"steps must be in 1..1000, got {steps}")
-    return torch.linspace(1.0, 0.0, steps + 1, device=device)
+    if not 0.0 < start <= 1.0:
+        raise ValueError(f"start must be in (0, 1], got {start}")
+    return torch.linspace(start, 0.0, steps + 1, device=device)
 
 
 class TinyPolicy:
@@ -167,6 +170,15 @@ class TinyPolicy:
         finally:
             self._active = prev
 
+    @contextmanager
+    def using(self, model: nn.Module):
+        """Inside: ``sample``/``dsm`` use ``model`` (a copy of ``self.model``, e.g. an EMA)."""
+        prev, self._active = self._active, model
+        try:
+            yield self
+        finally:
+            self._active = prev
+
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         return iter(self.model.unet.parameters())
 
@@ -235,7 +247,9 @@ class TinyPolicy:
         if sampler == "onestep":
             r = self.onestep(x, c)
             return Samples(images=self.to_image(r, c))
-        sig = sigma_schedule(steps, self.device)
+        start = self.config.ode_start
+        sig = sigma_schedule(steps, self.device, start)
+        x = start * x  # the LR-derived estimate of the residual is 0: x_start = (1-start)·0 + start·ε
         traj = [x] if (return_trajectory or sampler == "sde") else None
         logps = []
         for i in range(steps):
