@@ -116,6 +116,19 @@ def cmd_score(args: argparse.Namespace) -> int:
     from .rewards.base import MetricError
     from .rewards.registry import get_metric
 
+    if args.store:
+        from .train.candidates import score_store
+        from .data.store import CandidateStore
+
+        names = [n.strip() for n in args.metrics.split(",") if n.strip()]
+        try:
+            n = score_store(CandidateStore(args.store), names, progress=not args.quiet)
+        except (MetricError, ValueError) as e:
+            raise CLIError(str(e)) from None
+        print(f"scored {n} new (candidate, metric) values in {args.store}")
+        return 0
+    if not args.sr:
+        raise CLIError("give a folder of SR images, or --store DIR")
     sr_dir = Path(args.sr)
     if not sr_dir.is_dir():
         raise CLIError(f"{sr_dir}: not a folder of SR images")
@@ -168,6 +181,79 @@ def cmd_score(args: argparse.Namespace) -> int:
     if failed:
         print(f"sralign score: {len(rows)} scored, {failed} failed", file=sys.stderr)
         return 1
+    return 0
+
+
+# ----------------------------------------------------------------------------- generate / train / eval
+def _policy(spec: str):
+    from .policies import PolicyLoadError, load_policy
+
+    try:
+        return load_policy(spec)
+    except PolicyLoadError as e:
+        raise CLIError(str(e)) from None
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .data.store import CandidateStore
+    from .train.candidates import GenerateConfig, generate
+    from .train.distributed import rank_world
+
+    ov = list(args.overrides)
+    for flag, key in (("m", "m"), ("steps", "steps"), ("sampler", "sampler"), ("n_lr", "lr_set.n"), ("seed", "seed")):
+        v = getattr(args, flag)
+        if v is not None:
+            ov.append(f"{key}={v}")
+    cfg = load_config(GenerateConfig, args.config, ov)
+    rank, _ = rank_world()
+    store = CandidateStore(args.store, repair=rank == 0)
+    n = generate(store, _policy(args.policy), cfg, progress=not args.quiet)
+    print(f"rank {rank}: {n} new candidates in {args.store}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_config
+
+    if args.method in ("dp2o", "dpo"):
+        from .data.store import CandidateStore
+        from .train.offline import OfflineTrainer
+        from .train.offline_config import DP2OConfig
+
+        if not args.store:
+            raise CLIError(f"--method {args.method} trains on a candidate store: pass --store DIR (made by `sralign generate` + `sralign score --store`)")
+        cfg = load_config(DP2OConfig, args.config, [f"method={args.method}", *args.overrides])
+        store = CandidateStore(args.store, repair=False)
+        try:
+            tr = OfflineTrainer(_policy(args.policy), store, cfg, args.out)
+        except ValueError as e:
+            raise CLIError(str(e)) from None
+        tr.train(resume=args.resume, progress=not args.quiet)
+    elif args.method in ("gdpo", "dgpo", "grpo"):
+        from .train.online import OnlineTrainer
+        from .train.online_config import METHOD_CONFIGS
+
+        cfg = load_config(METHOD_CONFIGS[args.method], args.config, args.overrides)
+        OnlineTrainer(_policy(args.policy), cfg, args.out).train(resume=args.resume, progress=not args.quiet)
+    print(f"aligned policy written to {Path(args.out) / 'policy'}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .eval.run import EvalConfig, run_eval
+
+    from .config import load_config
+
+    ov = list(args.overrides)
+    if args.m is not None:
+        ov.append(f"m={args.m}")
+    cfg = load_config(EvalConfig, args.config, ov)
+    target = Path(args.run)
+    pol_dir = target / "policy" if (target / "policy" / "config.json").is_file() else target
+    out = Path(args.out) if args.out else target / "eval"
+    run_eval({target.name: pol_dir}, cfg, out, progress=not args.quiet, run_dirs={target.name: target})
+    print(f"wrote {out / 'eval.json'} and {out / 'report.html'}")
     return 0
 
 
@@ -224,13 +310,47 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_degrade)
 
     c = sub.add_parser("score", help="score images with IQA metrics by name -> CSV")
-    c.add_argument("sr", help="folder of SR images")
+    c.add_argument("sr", nargs="?", help="folder of SR images")
+    c.add_argument("--store", default=None, help="score every candidate of a candidate store instead (resumable)")
     c.add_argument("--hr", default=None, help="folder of HR images with the same file stems (FR metrics)")
     c.add_argument("--metrics", default="psnr,ssim,brisque,niqe_s", help="comma-separated names; pyiqa:NAME for pyiqa")
     c.add_argument("--weights-dir", default=None, help="folder holding pyiqa weight files")
     c.add_argument("--out", default="scores.csv")
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(func=cmd_score)
+
+    gn = sub.add_parser("generate", help="offline candidates: M seeds per LR into a candidate store (resumable)")
+    gn.add_argument("--store", required=True)
+    gn.add_argument("--policy", default="tiny")
+    gn.add_argument("--m", type=int, default=None, help="candidates per LR (default 16)")
+    gn.add_argument("--steps", type=int, default=None)
+    gn.add_argument("--sampler", default=None, choices=["ode", "sde", "onestep"])
+    gn.add_argument("--n-lr", dest="n_lr", type=int, default=None, help="number of bundled LR crops")
+    gn.add_argument("--seed", type=int, default=None)
+    gn.add_argument("--config", default=None)
+    gn.add_argument("--quiet", action="store_true")
+    gn.add_argument("overrides", nargs="*", help="GenerateConfig key=value overrides")
+    gn.set_defaults(func=cmd_generate)
+
+    tr = sub.add_parser("train", help="align a policy: dp2o / dpo (offline) or gdpo / dgpo / grpo (online)")
+    tr.add_argument("--method", required=True, choices=["dp2o", "dpo", "gdpo", "dgpo", "grpo"])
+    tr.add_argument("--store", default=None, help="candidate store (dp2o, dpo)")
+    tr.add_argument("--policy", default="tiny")
+    tr.add_argument("--out", required=True)
+    tr.add_argument("--config", default=None, help="YAML with the method's config fields")
+    tr.add_argument("--resume", action="store_true")
+    tr.add_argument("--quiet", action="store_true")
+    tr.add_argument("overrides", nargs="*", help="key=value overrides, e.g. beta=2000 steps=300")
+    tr.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="Best@M / Mean@M / Worst@M of an aligned run vs its reference -> JSON, plots, report")
+    ev.add_argument("run", help="a training run folder (or a policy folder)")
+    ev.add_argument("--out", default=None)
+    ev.add_argument("--m", type=int, default=None)
+    ev.add_argument("--config", default=None)
+    ev.add_argument("--quiet", action="store_true")
+    ev.add_argument("overrides", nargs="*")
+    ev.set_defaults(func=cmd_eval)
 
     t = sub.add_parser("pretrain", help="train the tiny base policy (how the shipped checkpoint was made)")
     t.add_argument("--out", default="runs/pretrain")

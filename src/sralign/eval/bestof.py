@@ -7,6 +7,7 @@ aligned), so the two policies are ranked on one scale.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -58,38 +59,45 @@ class EvalResult:
     reward_std: dict[str, float] = field(default_factory=dict)  # mean per-image std
     metrics: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # metric -> policy -> stats
     win_rate: dict[str, float] = field(default_factory=dict)
+    samplers: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+@dataclass
+class PolicySpec:
+    """One row of an evaluation: a policy (or its frozen reference) with its sampler."""
+
+    policy: SRPolicy
+    use_reference: bool = False
+    sampler: str = "ode"
+    steps: int = 10
+    baseline: str | None = None  # label to compute the win rate against (same seeds)
+
+
 def evaluate_policies(
-    policies: dict[str, SRPolicy | tuple[SRPolicy, bool]],
+    specs: dict[str, PolicySpec],
     hr: Tensor,
     lr: Tensor,
     reward: HybridReward,
     heldout_metrics: list[str],
     m: int = 16,
-    sampler: str = "ode",
-    steps: int = 10,
     seed: int = 1000,
     progress: bool = False,
 ) -> tuple[EvalResult, dict[str, Tensor]]:
-    """Sample M seeds per held-out LR from each policy; curves and per-metric statistics.
+    """Sample M seeds per held-out LR for every spec; reward curves and per-metric statistics.
 
-    ``policies`` maps a label to a policy, or to (policy, use_reference) to evaluate its frozen
-    reference. The first label is the baseline for win rates. Returns the result and samples.
+    The reward is normalised per LR over all specs' samples pooled, so rows share one scale.
+    Returns the result and the samples ({label: [n,M,3,H,W]}).
     """
     samples = {}
-    for name, spec in policies.items():
-        pol, use_ref = spec if isinstance(spec, tuple) else (spec, False)
-        if use_ref:
-            with pol.reference():
-                samples[name] = sample_groups(pol, lr, m, sampler=sampler, steps=steps, seed=seed, progress=progress, desc=f"eval {name}")
-        else:
-            samples[name] = sample_groups(pol, lr, m, sampler=sampler, steps=steps, seed=seed, progress=progress, desc=f"eval {name}")
+    for name, sp in specs.items():
+        ctx = sp.policy.reference() if sp.use_reference else contextlib.nullcontext()
+        with ctx:
+            samples[name] = sample_groups(sp.policy, lr, m, sampler=sp.sampler, steps=sp.steps, seed=seed, progress=progress, desc=f"eval {name}")
     names = list(samples)
-    extra = [get_metric(n) for n in heldout_metrics]
+    extra = [get_metric(n) for n in heldout_metrics if n not in reward.names]
     raw = {k: score_group([*reward.metrics, *extra], v, hr) for k, v in samples.items()}
     pooled = {mn: torch.cat([raw[k][mn] for k in names], dim=1) for mn in reward.names}
     total = reward.from_scores(pooled).total
@@ -100,9 +108,10 @@ def evaluate_policies(
         per[k] = r
         res.reward[k] = best_mean_worst(r)
         res.reward_std[k] = float(r.std(1).mean())
-    base = names[0]
-    for k in names[1:]:
-        res.win_rate[k] = float((per[k] > per[base]).float().mean() + 0.5 * (per[k] == per[base]).float().mean())
+    for k, sp in specs.items():
+        if sp.baseline is not None:
+            b = per[sp.baseline]
+            res.win_rate[k] = float((per[k] > b).float().mean() + 0.5 * (per[k] == b).float().mean())
     for metric in [*reward.metrics, *extra]:
         res.metrics[metric.name] = {}
         for k in names:
@@ -113,4 +122,5 @@ def evaluate_policies(
                 "best@M": curves["best"][-1], "worst@M": curves["worst"][-1],
                 "higher_is_better": metric.higher_is_better, "in_reward": metric.name in reward.names,
             }
+    res.samplers = {k: sp.sampler for k, sp in specs.items()}
     return res, samples
