@@ -20,3 +20,17 @@ def tiny_random_policy():
 def lr_batch():
     g = torch.Generator().manual_seed(0)
     return torch.rand(2, 3, 8, 12, generator=g)
+
+
+@pytest.fixture(scope="session")
+def policy_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    p = TinyPolicy(TinyPolicyConfig(unet=UNetConfig(channels=(8, 16), cond_channels=8, time_dim=32)))
+    with torch.no_grad():
+        for prm in p.model.parameters():
+            prm.add_(0.05 * torch.randn_like(prm))
+    d = tmp_path_factory.mktemp("pol") / "tiny"
+    p.save(d)
+    return d
+
+

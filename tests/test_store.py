@@ -17,21 +17,6 @@ from sralign.rewards.hybrid import HybridReward
 GEN_ARGS = ["--quiet", "m=8", "steps=2", "lr_set.n=4", "chunk=4", "lr_set.patch=32"]
 
 
-@pytest.fixture(scope="module")
-def policy_dir(tmp_path_factory):
-    from sralign.policies.tiny import TinyPolicy, TinyPolicyConfig
-    from sralign.policies.unet import UNetConfig
-
-    torch.manual_seed(0)
-    p = TinyPolicy(TinyPolicyConfig(unet=UNetConfig(channels=(8, 16), cond_channels=8, time_dim=32)))
-    with torch.no_grad():
-        for prm in p.model.parameters():
-            prm.add_(0.05 * torch.randn_like(prm))
-    d = tmp_path_factory.mktemp("pol") / "tiny"
-    p.save(d)
-    return d
-
-
 def _cli(*args):
     return [sys.executable, "-m", "sralign.cli", *args]
 

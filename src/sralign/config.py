@@ -44,8 +44,16 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
             kwargs[k] = from_dict(tp, v, where=f"{where}{k}.")
         elif typing.get_origin(tp) is tuple and isinstance(v, list):
             kwargs[k] = tuple(v)
-        elif tp is float and isinstance(v, int) and not isinstance(v, bool):
-            kwargs[k] = float(v)
+        elif tp is float and isinstance(v, (int, str)) and not isinstance(v, bool):
+            try:
+                kwargs[k] = float(v)  # YAML reads "1e-3" as a string
+            except ValueError:
+                raise ConfigError(f"config key {where}{k} must be a number, got {v!r}") from None
+        elif tp is int and isinstance(v, str):
+            try:
+                kwargs[k] = int(v)
+            except ValueError:
+                raise ConfigError(f"config key {where}{k} must be an integer, got {v!r}") from None
         else:
             kwargs[k] = v
     return cls(**kwargs)
