@@ -44,6 +44,8 @@ def cmd_sr(args: argparse.Namespace) -> int:
     except PolicyLoadError as e:
         raise CLIError(str(e)) from None
     policy.model.eval()
+    if args.start is not None:
+        policy.config.ode_start = args.start
     from tqdm.auto import tqdm
 
     failed = 0
@@ -294,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sampler", default="ode", choices=["ode", "sde", "onestep"])
     s.add_argument("--steps", type=int, default=20)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--start", type=float, default=None, help="noise level the ode/sde sampler starts from (0-1]; the shipped policy uses 0.5, 1 = from pure noise")
     s.add_argument("--tile", type=int, default=128, help="LR tile size; 0 = no tiling")
     s.add_argument("--overlap", type=int, default=16, help="tile overlap in LR pixels")
     s.add_argument("--colorfix", default="none", help="none | adain | wavelet")
