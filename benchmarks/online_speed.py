@@ -4,10 +4,9 @@ All three methods start from the shipped tiny policy, use the same hybrid reward
 metrics) and the same training LR crops. GRPO runs for a fixed budget of steps; then DGPO and
 GDPO run until they reach the reward *gain* GRPO ended at (or their own budget runs out).
 Every ``--eval-every`` steps the current policy is scored on fixed held-out LR crops with fixed
-noise (outside the timed region). Reward level = mean over metrics of the direction-aligned
-z-score against the reference's own samples (an absolute scale, unlike the group-normalised
-training reward); gain = level − the reference's level under the same sampler (DGPO and GRPO
-are evaluated with the deterministic ``ode`` sampler, GDPO with its ``onestep`` mode).
+noise (outside the timed region), with the trained reward pooled with the reference's samples
+(see ``Level``); DGPO and GRPO are evaluated with the deterministic ``ode`` sampler, GDPO with
+its ``onestep`` mode, each against the reference under the same sampler.
 
     python benchmarks/online_speed.py [--grpo-steps 40] [--max-steps 80] [--threads 2]
 
@@ -21,6 +20,7 @@ import time
 
 import torch
 
+from sralign.config import load_config
 from sralign.eval.bestof import sample_groups
 from sralign.policies import load_policy
 from sralign.rewards.hybrid import score_group
@@ -30,30 +30,25 @@ from sralign.train.online_config import DGPOConfig, GDPOConfig, GRPOConfig
 
 
 class Level:
-    """Absolute reward level on a fixed eval set, z-scored against the reference's samples."""
+    """The trained reward on fixed eval LR crops with fixed noise: the current policy's samples
+    are pooled with the reference's (same sampler, same seeds) and normalised per LR exactly as
+    in training; gain = mean reward of the policy's half − mean of the reference's half
+    (0 at the start, at most 1)."""
 
     def __init__(self, reward, lr, hr, sampler, steps, m=4):
         self.reward, self.lr, self.hr, self.sampler, self.steps, self.m = reward, lr, hr, sampler, steps, m
-        ref = load_policy()
-        raw = self._raw(ref)
-        self.stats = {k: (v.mean(), v.std().clamp_min(1e-8)) for k, v in raw.items()}
-        self.base = self._level(raw)
+        self.ref_raw = self._raw(load_policy())
 
     def _raw(self, policy):
         with torch.no_grad():
             x = sample_groups(policy, self.lr, self.m, sampler=self.sampler, steps=self.steps, seed=777)
         return score_group(self.reward.metrics, x, self.hr)
 
-    def _level(self, raw):
-        zs = []
-        for m in self.reward.metrics:
-            mu, sd = self.stats[m.name]
-            z = (raw[m.name].mean() - mu) / sd
-            zs.append(z if m.higher_is_better else -z)
-        return float(torch.stack(zs).mean())
-
     def gain(self, policy) -> float:
-        return self._level(self._raw(policy)) - self.base
+        raw = self._raw(policy)
+        pooled = {k: torch.cat([self.ref_raw[k], raw[k]], dim=1) for k in raw}
+        total = self.reward.from_scores(pooled).total
+        return float(total[:, self.m :].mean() - total[:, : self.m].mean())
 
 
 def run(method_cfg, level: Level, eval_every: int, target: float | None, tag: str):
@@ -68,7 +63,7 @@ def run(method_cfg, level: Level, eval_every: int, target: float | None, tag: st
             print(f"  {tag:5s} step {tr.step:4d}  train {tr.elapsed:7.1f} s  reward evals {tr.reward_evals:6d}  gain {g:+.4f}", flush=True)
             if target is not None and g >= target and not hit:
                 hit.update(step=tr.step, seconds=tr.elapsed, evals=tr.reward_evals)
-                tr.cfg.steps_total = tr.step  # stop here
+                return True  # stop here
 
     trainer.train(progress=False, callback=cb)
     return curve, hit
@@ -81,14 +76,17 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="runs/bench_online/result.json")
+    ap.add_argument("--dgpo", nargs="*", default=[], help="DGPOConfig key=value overrides")
+    ap.add_argument("--gdpo", nargs="*", default=[], help="GDPOConfig key=value overrides")
+    ap.add_argument("--grpo", nargs="*", default=[], help="GRPOConfig key=value overrides")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     data = make_lr_set(LRSetConfig(split="heldout", n=6, patch=64, seed=99))
     lr, hr = torch.stack([d[1] for d in data]), torch.stack([d[2] for d in data])
     common = dict(batch_lr=2, checkpoint_every=10**6)
-    grpo = GRPOConfig(steps_total=a.grpo_steps, **common)
-    dgpo = DGPOConfig(steps_total=a.max_steps, **common)
-    gdpo = GDPOConfig(steps_total=a.max_steps, reward="hybrid", **common)
+    grpo = load_config(GRPOConfig, None, a.grpo, base=GRPOConfig(steps_total=a.grpo_steps, **common))
+    dgpo = load_config(DGPOConfig, None, a.dgpo, base=DGPOConfig(steps_total=a.max_steps, **common))
+    gdpo = load_config(GDPOConfig, None, a.gdpo, base=GDPOConfig(steps_total=a.max_steps, reward="hybrid", **common))
     reward = build_reward(grpo)
     lv_ode = Level(reward, lr, hr, "ode", grpo.steps)
     lv_one = Level(reward, lr, hr, "onestep", 1)

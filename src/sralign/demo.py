@@ -24,7 +24,7 @@ from .train.candidates import GenerateConfig, LRSetConfig, generate, score_store
 from .train.offline import OfflineTrainer
 from .train.offline_config import DP2OConfig
 from .train.online import OnlineTrainer
-from .train.online_config import DGPOConfig, GDPOConfig
+from .train.online_config import DGPOConfig, GDPOConfig, GRPOConfig
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +34,11 @@ class DemoConfig:
     generate: GenerateConfig = field(default_factory=lambda: GenerateConfig(m=16, steps=10, lr_set=LRSetConfig(n=24, patch=64)))
     dp2o: DP2OConfig = field(default_factory=lambda: DP2OConfig(method="dp2o", steps=120, n=4))
     dpo: DP2OConfig = field(default_factory=lambda: DP2OConfig(method="dpo", steps=120))
-    gdpo: GDPOConfig = field(default_factory=lambda: GDPOConfig(steps_total=60))
+    # the demo ranks every method with one reward, so GDPO trains on the hybrid reward here
+    # (its CLI default is the attribute-aware reward)
+    gdpo: GDPOConfig = field(default_factory=lambda: GDPOConfig(steps_total=60, reward="hybrid"))
     dgpo: DGPOConfig = field(default_factory=lambda: DGPOConfig(steps_total=60))
+    grpo: GRPOConfig = field(default_factory=lambda: GRPOConfig(steps_total=60))
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(m=16))
     methods: tuple[str, ...] = ("dp2o", "dpo", "gdpo", "dgpo")
 

@@ -49,9 +49,10 @@ def super_resolve(
     _, h, w = lr.shape
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn((1, 3, h * s, w * s), generator=g)
+    extra = {"generator": g} if sampler == "sde" else {}  # sde draws per-step noise: seed it too
     if tile <= 0 or (h <= tile and w <= tile):
         cond = policy.condition(lr[None])
-        out = policy.sample(cond, noise, sampler=sampler, steps=steps).images[0]
+        out = policy.sample(cond, noise, sampler=sampler, steps=steps, **extra).images[0]
     else:
         overlap = max(0, min(overlap, tile // 2))
         acc = torch.zeros(3, h * s, w * s)
@@ -62,7 +63,7 @@ def super_resolve(
                 th, tw = min(tile, h), min(tile, w)
                 cond = policy.condition(lr[None, :, y : y + th, x : x + tw])
                 nz = noise[:, :, y * s : (y + th) * s, x * s : (x + tw) * s]
-                img = policy.sample(cond, nz, sampler=sampler, steps=steps).images[0].cpu()
+                img = policy.sample(cond, nz, sampler=sampler, steps=steps, **extra).images[0].cpu()
                 wy = _ramp(th * s, overlap * s, y == 0, y + th >= h)
                 wx = _ramp(tw * s, overlap * s, x == 0, x + tw >= w)
                 wt = (wy[:, None] * wx[None, :])[None]

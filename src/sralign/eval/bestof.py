@@ -32,7 +32,8 @@ def sample_groups(policy: SRPolicy, lr: Tensor, m: int, *, sampler: str = "ode",
         for s0 in range(0, m, chunk):
             seeds = list(range(s0, min(m, s0 + chunk)))
             noise = candidate_noise(shape, seed, ids[i], seeds)
-            imgs.append(policy.sample(cond, noise, sampler=sampler, steps=steps).images.cpu())
+            extra = {"generator": torch.Generator().manual_seed(seed * 7919 + i * 104729 + s0)} if sampler == "sde" else {}
+            imgs.append(policy.sample(cond, noise, sampler=sampler, steps=steps, **extra).images.cpu())
         out.append(torch.cat(imgs))
     return torch.stack(out)
 

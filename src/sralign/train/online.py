@@ -151,7 +151,8 @@ class OnlineTrainer:
     # ------------------------------------------------------------------ loop
     def train(self, resume: bool = False, progress: bool = True, max_seconds: float | None = None, callback=None) -> TinyPolicy:
         """Run to ``steps_total`` (or ``max_seconds`` of training time). ``callback(trainer)`` runs
-        after every step, outside the timed region (benchmarks evaluate there)."""
+        after every step, outside the timed region (benchmarks evaluate there); returning
+        True stops the run after a checkpoint."""
         c, out = self.cfg, self.out
         out.mkdir(parents=True, exist_ok=True)
         save_config(c, out / "config.yaml")
@@ -192,8 +193,9 @@ class OnlineTrainer:
             pbar.set_postfix(loss=f"{rec['loss']:.4f}", r=f"{rec['reward_mean']:.3f}")
             if self.step % c.checkpoint_every == 0 or self.step == c.steps_total:
                 self._save(ck)
-            if callback is not None:
-                callback(self)
+            if callback is not None and callback(self) is True:  # the callback asks to stop
+                self._save(ck)
+                break
             if max_seconds is not None and self.elapsed >= max_seconds:
                 self._save(ck)
                 break
