@@ -49,7 +49,7 @@ def run_eval(
     """Evaluate aligned ``policies`` (label -> folder or policy object) and their references.
 
     Every policy is compared with its own frozen reference under the same sampler; all rows are
-    ranked with one pooled reward. Writes eval.json, bestof.png, grid.png, training.png,
+    ranked with one pooled reward. Writes eval.json, bestof.png, grid_<policy>.png, training.png,
     report.html and report.md into ``out``.
     """
     out = Path(out)
@@ -70,20 +70,14 @@ def run_eval(
     result, samples = evaluate_policies(specs, hr, lr, reward, cfg.heldout_metrics, m=cfg.m, seed=cfg.seed, progress=progress)
     (out / "eval.json").write_text(json.dumps(result.to_dict(), indent=1))
     figures = {"Best@M / Mean@M / Worst@M": plot_bestof(result, out / "bestof.png")}
-    # image grid: LR↑ | reference seeds | aligned seeds | HR, per image, for the first aligned policy
-    labels = list(specs)
-    aligned = [k for k in labels if specs[k].baseline is not None]
-    rows = []
+    # image grids: LR | reference seeds | aligned seeds | HR, per image, one grid per aligned policy
     k = min(cfg.grid_seeds, cfg.m)
     up = torch.nn.functional.interpolate(lr, scale_factor=hr.shape[-1] // lr.shape[-1], mode="nearest")
-    for i in range(min(cfg.grid_images, lr.shape[0])):
-        for a in aligned[:1]:
-            ref = specs[a].baseline
-            rows.append([up[i], *samples[ref][i, :k], *samples[a][i, :k], hr[i]])
-    if rows:
-        a = aligned[0]
-        figures[f"Samples: LR | {specs[a].baseline} ×{k} | {a} ×{k} | HR"] = save_grid(
-            rows, out / "grid.png", ["LR", *(["ref"] * k), *([a] * k), "HR"])
+    for a in [name for name, sp in specs.items() if sp.baseline is not None]:
+        ref = specs[a].baseline
+        rows = [[up[i], *samples[ref][i, :k], *samples[a][i, :k], hr[i]] for i in range(min(cfg.grid_images, lr.shape[0]))]
+        figures[f"Samples: LR | {ref} ×{k} | {a} ×{k} | HR"] = save_grid(
+            rows, out / f"grid_{a}.png", ["LR", *(["ref"] * k), *([a] * k), "HR"], zoom=2 if hr.shape[-1] <= 96 else 1)
     if run_dirs:
         tp = plot_training(run_dirs, out / "training.png")
         if tp is not None:
