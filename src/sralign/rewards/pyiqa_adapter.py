@@ -1,11 +1,11 @@
 """Any pyiqa metric as an sralign ``Metric`` — without ever downloading.
 
 pyiqa (optional extra ``[iqa]``; licence PolyForm-Noncommercial, so nothing of it is copied
-here) fetches weights with ``load_file_from_url`` into ``$TORCH_HOME/hub/pyiqa``. While a
-metric is being built, sralign replaces that function with one that only looks on disk (in
-``weights_dir`` when given, else pyiqa's cache) and raises ``MissingWeightsError`` naming the
-metric, the file and the folder; ``HF_HUB_OFFLINE=1`` is set so backbone look-ups cannot reach
-a hub either.
+here) fetches weights into ``$TORCH_HOME/hub/pyiqa`` through ``torch.hub.download_url_to_file``
+when a file is not cached. While a metric is being built, sralign points pyiqa's cache at
+``weights_dir`` (when given) and replaces the download function with one that raises
+``MissingWeightsError`` naming the metric, the file and the folder; ``HF_HUB_OFFLINE=1`` is set
+so backbone look-ups cannot reach a hub either.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 from torch import Tensor
@@ -38,45 +37,36 @@ def _require_pyiqa():
 
 @contextmanager
 def _offline_weights(metric: str, weights_dir: str | os.PathLike | None):
+    """While building a pyiqa metric: look for weights in ``weights_dir`` (or pyiqa's cache) and
+    turn every download attempt into ``MissingWeightsError``."""
+    import torch.hub as hub
+
     import pyiqa.utils.download_util as du
 
-    modules = [du]
-    try:
-        import pyiqa.archs.arch_util as au
+    def refuse(url, dst, *args, **kwargs):
+        raise MissingWeightsError(
+            f"pyiqa metric {metric!r} needs weight file {os.path.basename(str(dst))!r}, not found in "
+            f"{os.path.dirname(str(dst))}; sralign never downloads: fetch {url} on a machine with network "
+            f"access and put it in that folder (or pass --weights-dir DIR)"
+        )
 
-        modules.append(au)
-    except Exception:
-        pass
-    originals = [(m, getattr(m, "load_file_from_url", None)) for m in modules]
-    cache = Path(weights_dir) if weights_dir else Path(getattr(du, "DEFAULT_CACHE_DIR", Path(torch.hub.get_dir()) / "pyiqa"))
-
-    def local_only(url, model_dir=None, progress=True, file_name=None, **_):
-        name = file_name or os.path.basename(urlparse(url).path)
-        folder = Path(weights_dir) if weights_dir else Path(model_dir) if model_dir else cache
-        path = folder / name
-        if not path.is_file():
-            raise MissingWeightsError(
-                f"pyiqa metric {metric!r} needs weight file {name!r}, not found in {folder}; "
-                f"download it from {url} on a machine with network access and place it in that "
-                f"folder (or pass --weights-dir DIR)"
-            )
-        return str(path)
-
-    old_env = os.environ.get("HF_HUB_OFFLINE")
+    saved = {"du_dl": du.download_url_to_file, "hub_dl": hub.download_url_to_file, "cache": du.DEFAULT_CACHE_DIR,
+             "env": os.environ.get("HF_HUB_OFFLINE")}
+    du.download_url_to_file = refuse
+    hub.download_url_to_file = refuse
+    if weights_dir is not None:
+        du.DEFAULT_CACHE_DIR = str(Path(weights_dir).expanduser().resolve())
     os.environ["HF_HUB_OFFLINE"] = "1"
-    for m, _ in originals:
-        if hasattr(m, "load_file_from_url"):
-            m.load_file_from_url = local_only
     try:
         yield
     finally:
-        for m, f in originals:
-            if f is not None:
-                m.load_file_from_url = f
-        if old_env is None:
+        du.download_url_to_file = saved["du_dl"]
+        hub.download_url_to_file = saved["hub_dl"]
+        du.DEFAULT_CACHE_DIR = saved["cache"]
+        if saved["env"] is None:
             os.environ.pop("HF_HUB_OFFLINE", None)
         else:
-            os.environ["HF_HUB_OFFLINE"] = old_env
+            os.environ["HF_HUB_OFFLINE"] = saved["env"]
 
 
 class PyIQAMetric:
