@@ -128,3 +128,20 @@ def test_nan_reward_stops_with_lr_id_and_checkpoint(tmp_path, policy_dir):  # no
     with pytest.raises(NonFiniteRewardError, match=r"brisque.*LR ids in this batch: train000\d"):
         tr.train(progress=False)
     assert (tmp_path / "checkpoint" / "state.json").exists()
+
+
+def test_two_process_accelerate_launch(tmp_path, policy_dir):  # noqa: F811
+    import os
+    import shutil
+
+    exe = shutil.which("accelerate")
+    assert exe is not None, "accelerate is a core dependency and should provide its launcher"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    port = str(29600 + os.getpid() % 300)
+    subprocess.run([exe, "launch", "--num_processes", "2", "--cpu", "--main_process_port", port, "-m", "sralign.cli", "train",
+                    "--method", "dgpo", "--policy", str(policy_dir), "--out", str(tmp_path / "run"), "--quiet",
+                    "steps_total=2", "batch_lr=1", "group=4", "lr_set.n=4", "lr_set.patch=32"], check=True, env=env, timeout=300)
+    p = load_policy(str(tmp_path / "run" / "policy"))  # plain keys: the unwrapped UNet was saved
+    ref = p._ref.state_dict()
+    assert any(not torch.equal(v, ref[k]) for k, v in p.model.state_dict().items() if k.startswith("unet."))
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2

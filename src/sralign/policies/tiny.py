@@ -185,6 +185,14 @@ class TinyPolicy:
     def all_parameters(self) -> Iterator[nn.Parameter]:
         return iter(self.model.parameters())
 
+    def to(self, device: str | torch.device) -> "TinyPolicy":
+        """Move the policy (and its reference) to ``device``."""
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        if self._ref is not None:
+            self._ref.to(self.device)
+        return self
+
     def train(self, mode: bool = True) -> "TinyPolicy":
         self.model.train(mode)
         return self
@@ -208,7 +216,7 @@ class TinyPolicy:
         if t.dim() == 0:
             t = t.expand(x.shape[0])
         feats = cond.features["enc"]
-        m = self._active.unet.multiple
+        m = 2 ** (len(self.config.unet.channels) - 1)  # works for a DDP-wrapped UNet too
         h, w = x.shape[-2:]
         ph, pw = (-h) % m, (-w) % m
         if ph or pw:

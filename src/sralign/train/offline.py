@@ -8,7 +8,6 @@ same final weights as an uninterrupted run.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import time
@@ -23,6 +22,7 @@ from ..losses import dpo_loss
 from ..policies.tiny import TinyPolicy
 from ..rewards.hybrid import HybridReward
 from .candidates import Pair, build_pairs
+from .accel import Accel
 from .checkpoint import has_checkpoint, load_training_state, save_training_state
 from .logging_utils import MetricLogger
 from .offline_config import DP2OConfig
@@ -53,32 +53,31 @@ class OfflineTrainer:
             if p.lr_id not in self._lr:
                 self._lr[p.lr_id] = store.load_lr(p.lr_id)[0]
         policy.freeze_reference()
-        self.opt = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.accel = Accel(cfg.mixed_precision)
+        opt = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.opt = self.accel.prepare(policy, opt)
+        # each rank draws its own pairs; one process reproduces the seed exactly
+        self.gen = torch.Generator().manual_seed(cfg.seed + 1_000_003 * self.accel.rank)
         self.step = 0
-
-    def _autocast(self):
-        if self.cfg.mixed_precision == "bf16":
-            return torch.autocast("cpu", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
 
     def loss_on(self, batch: list[Pair]) -> tuple[torch.Tensor, dict]:
         p = self.policy
-        lr = torch.stack([self._lr[b.lr_id] for b in batch])
-        xw = torch.stack([self._img[b.cid_w] for b in batch])
-        xl = torch.stack([self._img[b.cid_l] for b in batch])
+        dev = self.accel.device
+        lr = torch.stack([self._lr[b.lr_id] for b in batch]).to(dev)
+        xw = torch.stack([self._img[b.cid_w] for b in batch]).to(dev)
+        xl = torch.stack([self._img[b.cid_l] for b in batch]).to(dev)
         k = len(batch)
         cond = p.condition(torch.cat([lr, lr]))
         t = self.cfg.t_min + (self.cfg.t_max - self.cfg.t_min) * torch.rand(k, generator=self.gen)
         t = t.clamp_min(1e-3)
-        eps = torch.randn((k, *xw.shape[1:]), generator=self.gen)
+        eps = torch.randn((k, *xw.shape[1:]), generator=self.gen).to(dev)
         x = torch.cat([xw, xl])
         tt, ee = torch.cat([t, t]), torch.cat([eps, eps])  # the pair shares t and ε
-        with self._autocast():
+        with self.accel.autocast():
             d = p.dsm(x, cond, tt, ee).float()
             with torch.no_grad(), p.reference():
                 d_ref = p.dsm(x, cond, tt, ee).float()
-        weight = torch.tensor([b.weight for b in batch]) if self.cfg.method == "dp2o" else None
+        weight = torch.tensor([b.weight for b in batch], device=dev) if self.cfg.method == "dp2o" else None
         return dpo_loss(d[:k], d_ref[:k], d[k:], d_ref[k:], self.cfg.beta, weight=weight)
 
     def train(self, resume: bool = False, progress: bool = True) -> TinyPolicy:
@@ -86,13 +85,15 @@ class OfflineTrainer:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
         ck = out / "checkpoint"
+        acc = self.accel
         if resume and has_checkpoint(ck):
-            meta = load_training_state(ck, {"unet": self.policy.model.unet}, self.opt, {"data": self.gen})
+            meta = load_training_state(ck, {"unet": acc.unwrapped()}, self.opt, {"data": self.gen})
             self.step = meta["step"]
             log.info("resumed at step %d", self.step)
-        logger = MetricLogger(out, resume_step=self.step if resume else None)
-        (out / "pairs.json").write_text(json.dumps([p.__dict__ for p in self.pairs]))
-        pbar = tqdm(range(self.step, cfg.steps), initial=self.step, total=cfg.steps, desc=f"train {cfg.method}", disable=not progress)
+        logger = MetricLogger(out, resume_step=self.step if resume else None) if acc.is_main else None
+        if acc.is_main:
+            (out / "pairs.json").write_text(json.dumps([p.__dict__ for p in self.pairs]))
+        pbar = tqdm(range(self.step, cfg.steps), initial=self.step, total=cfg.steps, desc=f"train {cfg.method}", disable=not (progress and acc.is_main))
         t0 = time.time()
         for step in pbar:
             for g in self.opt.param_groups:
@@ -102,17 +103,20 @@ class OfflineTrainer:
             for _ in range(cfg.grad_accum):
                 idx = torch.randint(len(self.pairs), (cfg.batch_pairs,), generator=self.gen).tolist()
                 loss, stats = self.loss_on([self.pairs[i] for i in idx])
-                (loss / cfg.grad_accum).backward()
+                acc.backward(loss / cfg.grad_accum)
                 for k, v in {"loss": loss, **stats}.items():
                     agg[k] = agg.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
-            gn = torch.nn.utils.clip_grad_norm_(list(self.policy.trainable_parameters()), cfg.grad_clip)
+            gn = acc.clip(list(self.policy.trainable_parameters()), cfg.grad_clip)
             self.opt.step()
             self.step = step + 1
-            if step % cfg.log_every == 0:
+            if logger is not None and step % cfg.log_every == 0:
                 logger.log(step, **agg, grad_norm=float(gn), lr=warmup_lr(step, cfg.lr, cfg.warmup), elapsed=time.time() - t0)
             pbar.set_postfix(loss=f"{agg['loss']:.4f}", acc=f"{agg['implicit_acc']:.2f}")
-            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
-                save_training_state(ck, self.step, {"unet": self.policy.model.unet}, self.opt, generators={"data": self.gen})
-        logger.close()
-        self.policy.save(out / "policy")
+            if acc.is_main and (self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps):
+                save_training_state(ck, self.step, {"unet": acc.unwrapped()}, self.opt, generators={"data": self.gen})
+        acc.wait()
+        if acc.is_main:
+            logger.close()
+            with acc.unwrapped_policy(self.policy) as pol:
+                pol.save(out / "policy")
         return self.policy

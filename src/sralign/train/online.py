@@ -24,6 +24,7 @@ from ..rewards.attribute import AttributeReward
 from ..rewards.base import MetricError
 from ..rewards.hybrid import HybridReward
 from .candidates import make_lr_set
+from .accel import Accel
 from .checkpoint import has_checkpoint, load_training_state, save_training_state
 from .logging_utils import MetricLogger
 from .offline import warmup_lr
@@ -57,9 +58,14 @@ class OnlineTrainer:
         self.lr = torch.stack([d[1] for d in data])
         self.hr = torch.stack([d[2] for d in data])
         policy.freeze_reference()
+        self.accel = Accel()
         self.ema = copy.deepcopy(policy.model).requires_grad_(False)
-        self.opt = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.gen = torch.Generator().manual_seed(cfg.seed)
+        opt = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.opt = self.accel.prepare(policy, opt)
+        self.ema.to(self.accel.device)
+        self.lr, self.hr = self.lr.to(self.accel.device), self.hr.to(self.accel.device)
+        # each rank rolls out its own LR batch; one process reproduces the seed exactly
+        self.gen = torch.Generator().manual_seed(cfg.seed + 1_000_003 * self.accel.rank)
         self.step = 0
         self.reward_evals = 0
         self.elapsed = 0.0
@@ -77,7 +83,7 @@ class OnlineTrainer:
 
     def rollout(self, cond, n: int):
         c, G = self.cfg, self.cfg.group
-        noise = torch.randn((n * G, *self.policy.noise_shape(cond)[1:]), generator=self.gen)
+        noise = torch.randn((n * G, *self.policy.noise_shape(cond)[1:]), generator=self.gen).to(self.accel.device)
         with torch.no_grad(), self._rollout_ctx():
             if c.method == "grpo":
                 return self.policy.sample(cond, noise, sampler="sde", steps=c.steps, generator=self.gen, noise_level=c.noise_level)
@@ -104,21 +110,21 @@ class OnlineTrainer:
         if c.method == "gdpo":
             t = torch.full((n * G,), p.config.t_noise)
             tm = torch.tensor(p.config.t_diff)
-            eps = torch.randn(x.shape, generator=self.gen)  # fresh noise for the DSM term
+            eps = torch.randn(x.shape, generator=self.gen).to(x.device)  # fresh noise for the DSM term
             d = p.dsm(x, cond, t, eps, t_model=tm)
             with torch.no_grad(), p.reference():
                 d_ref = p.dsm(x, cond, t, eps, t_model=tm)
             loss, st = gdpo_loss(d.view(n, G), d_ref.view(n, G), adv, c.beta)
-            loss.backward()
+            self.accel.backward(loss)
             return loss, st
         if c.method == "dgpo":
-            t = group_shared_timesteps(n, G, self.gen, c.t_min, c.t_max)
-            eps = group_shared_noise(n, G, tuple(x.shape[1:]), self.gen)
+            t = group_shared_timesteps(n, G, self.gen, c.t_min, c.t_max).to(x.device)
+            eps = group_shared_noise(n, G, tuple(x.shape[1:]), self.gen).to(x.device)
             d = p.dsm(x, cond, t, eps)
             with torch.no_grad(), p.reference():
                 d_ref = p.dsm(x, cond, t, eps)
             loss, st = dgpo_loss(d.view(n, G), d_ref.view(n, G), adv, c.beta)
-            loss.backward()
+            self.accel.backward(loss)
             return loss, st
         # grpo: every step of the SDE trajectory, gradients accumulated
         traj, old_lp, sig = samples.trajectory, samples.log_probs, samples.sigmas
@@ -132,7 +138,7 @@ class OnlineTrainer:
                 _, _, mean_ref, _ = p.sde_step(cond, traj[:, i], sig, i, prev_sample=traj[:, i + 1], noise_level=c.noise_level)
             kl = ((mean - mean_ref) ** 2).flatten(1).mean(1) / (2 * std**2)
             loss, st = grpo_loss(lp, old_lp[:, i], a, c.clip_range, kl=kl, kl_beta=c.kl_beta, adv_clip=c.adv_clip)
-            (loss / S).backward()
+            self.accel.backward(loss / S)
             total += float(loss.detach()) / S
             for k, v in st.items():
                 agg[k] = agg.get(k, 0.0) + float(v) / S
@@ -145,7 +151,9 @@ class OnlineTrainer:
                 pe.mul_(mu).add_(pm, alpha=1 - mu)
 
     def _save(self, ck: Path) -> None:
-        save_training_state(ck, self.step, {"unet": self.policy.model.unet, "ema": self.ema}, self.opt,
+        if not self.accel.is_main:
+            return
+        save_training_state(ck, self.step, {"unet": self.accel.unwrapped(), "ema": self.ema}, self.opt,
                             extra={"reward_evals": self.reward_evals, "elapsed": self.elapsed}, generators={"data": self.gen})
 
     # ------------------------------------------------------------------ loop
@@ -158,12 +166,13 @@ class OnlineTrainer:
         save_config(c, out / "config.yaml")
         ck = out / "checkpoint"
         if resume and has_checkpoint(ck):
-            meta = load_training_state(ck, {"unet": self.policy.model.unet, "ema": self.ema}, self.opt, {"data": self.gen})
+            meta = load_training_state(ck, {"unet": self.accel.unwrapped(), "ema": self.ema}, self.opt, {"data": self.gen})
             self.step = meta["step"]
             self.reward_evals = meta["extra"]["reward_evals"]
             self.elapsed = meta["extra"]["elapsed"]
-        logger = MetricLogger(out, resume_step=self.step if resume else None)
-        pbar = tqdm(range(self.step, c.steps_total), initial=self.step, total=c.steps_total, desc=f"train {c.method}", disable=not progress)
+        main = self.accel.is_main
+        logger = MetricLogger(out, resume_step=self.step if resume else None) if main else None
+        pbar = tqdm(range(self.step, c.steps_total), initial=self.step, total=c.steps_total, desc=f"train {c.method}", disable=not (progress and main))
         for step in pbar:
             t0 = time.time()
             for g in self.opt.param_groups:
@@ -175,12 +184,13 @@ class OnlineTrainer:
                 rw = self.score(samples.images, idx)
             except NonFiniteRewardError:
                 self._save(ck)
-                logger.close()
+                if logger is not None:
+                    logger.close()
                 raise
             adv = group_advantages(rw.total, eps=c.adv_eps)
             self.opt.zero_grad(set_to_none=True)
             loss, st = self.loss(cond, samples, adv)
-            gn = torch.nn.utils.clip_grad_norm_(list(self.policy.trainable_parameters()), c.grad_clip)
+            gn = self.accel.clip(list(self.policy.trainable_parameters()), c.grad_clip)
             self.opt.step()
             self.step = step + 1
             self._update_ema()
@@ -189,7 +199,8 @@ class OnlineTrainer:
             rec = {"loss": float(loss.detach()), "reward_mean": float(rw.total.mean()), "reward_std": float(rw.total.std(1).mean()),
                    "grad_norm": float(gn), "zero_std_ratio": zero, "reward_evals": self.reward_evals, "elapsed": self.elapsed,
                    **{f"raw_{k}": float(v.mean()) for k, v in rw.per_metric.items()}, **{k: float(v) for k, v in st.items()}}
-            logger.log(step, **rec)
+            if logger is not None:
+                logger.log(step, **rec)
             pbar.set_postfix(loss=f"{rec['loss']:.4f}", r=f"{rec['reward_mean']:.3f}")
             if self.step % c.checkpoint_every == 0 or self.step == c.steps_total:
                 self._save(ck)
@@ -199,6 +210,9 @@ class OnlineTrainer:
             if max_seconds is not None and self.elapsed >= max_seconds:
                 self._save(ck)
                 break
-        logger.close()
-        self.policy.save(out / "policy")
+        self.accel.wait()
+        if main:
+            logger.close()
+            with self.accel.unwrapped_policy(self.policy) as pol:
+                pol.save(out / "policy")
         return self.policy
