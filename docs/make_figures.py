@@ -35,7 +35,7 @@ def degradation_figure():
     deg = RealESRGANDegradation()
     lrs = [deg(hr[:1], torch.Generator().manual_seed(s))[0] for s in range(6)]
     ups = [F.interpolate(x[None], scale_factor=4, mode="nearest")[0] for x in lrs]
-    save_grid([[hr[0], *ups[:3]], [hr[0], *ups[3:]]], DOCS / "degradations.png", ["HR", "LR seed", "LR seed", "LR seed"])
+    save_grid([[hr[0], *ups[:3]], [hr[0], *ups[3:]]], DOCS / "degradations.png", ["HR", "LR (seeds 0, 3)", "LR (seeds 1, 4)", "LR (seeds 2, 5)"])
 
 
 def texture_figure():
