@@ -4,10 +4,21 @@ from .base import SAMPLERS, Cond, Samples, SRPolicy
 from .tiny import PolicyLoadError, TinyPolicy, TinyPolicyConfig
 
 
-def load_policy(spec: str | None = None, device: str = "cpu") -> TinyPolicy:
-    """Load a policy by spec: ``None``/``"tiny"`` = the shipped tiny checkpoint, else a folder."""
+def load_policy(spec: str | None = None, device: str = "cpu"):
+    """Load a policy by spec: ``None``/``"tiny"`` = the shipped tiny checkpoint; a tiny-policy
+    folder; a diffusers SD folder (``vae/`` + ``unet/``) or an sralign LoRA folder of one
+    (``sralign_policy.json``) -> ``OneStepSD`` (extra ``[diffusers]``)."""
+    from pathlib import Path
+
     if spec in (None, "", "tiny"):
         return TinyPolicy.from_pretrained(None, device=device)
+    folder = Path(spec)
+    if (folder / "sralign_policy.json").is_file() or ((folder / "vae").is_dir() and (folder / "unet").is_dir()):
+        try:
+            from .diffusers import OneStepSD
+        except ImportError as e:
+            raise PolicyLoadError(f"{folder} is a diffusers model: install the extra with pip install 'sralign[diffusers]' ({e})") from None
+        return OneStepSD.from_pretrained(folder, device=device)
     return TinyPolicy.from_pretrained(spec, device=device)
 
 

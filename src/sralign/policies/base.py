@@ -114,3 +114,10 @@ class SRPolicy(Protocol):
 
     def load(self, path: str | Path) -> None:
         ...
+
+
+def dsm_noise_shape(policy: SRPolicy, x0: Tensor) -> tuple[int, ...]:
+    """Shape of the noise ``policy.dsm`` expects for images ``x0``: the image shape for pixel-space
+    policies, the latent shape for latent ones (which define ``dsm_noise_shape``)."""
+    fn = getattr(policy, "dsm_noise_shape", None)
+    return tuple(fn(x0)) if fn is not None else tuple(x0.shape)

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from ..config import save_config
 from ..data.store import CandidateStore
 from ..losses import dpo_loss
+from ..policies.base import dsm_noise_shape
 from ..policies.tiny import TinyPolicy
 from ..rewards.hybrid import HybridReward
 from .candidates import Pair, build_pairs
@@ -70,7 +71,7 @@ class OfflineTrainer:
         cond = p.condition(torch.cat([lr, lr]))
         t = self.cfg.t_min + (self.cfg.t_max - self.cfg.t_min) * torch.rand(k, generator=self.gen)
         t = t.clamp_min(1e-3)
-        eps = torch.randn((k, *xw.shape[1:]), generator=self.gen).to(dev)
+        eps = torch.randn(dsm_noise_shape(p, xw), generator=self.gen).to(dev)
         x = torch.cat([xw, xl])
         tt, ee = torch.cat([t, t]), torch.cat([eps, eps])  # the pair shares t and ε
         with self.accel.autocast():

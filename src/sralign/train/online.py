@@ -9,6 +9,7 @@ One loop, three methods; they differ only in the rollout sampler and the loss:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
@@ -19,7 +20,8 @@ from tqdm.auto import tqdm
 
 from ..config import save_config
 from ..losses import dgpo_loss, gdpo_loss, group_advantages, group_shared_noise, group_shared_timesteps, grpo_loss
-from ..policies.tiny import TinyPolicy, sigma_schedule
+from ..policies.base import dsm_noise_shape
+from ..policies.tiny import TinyPolicy
 from ..rewards.attribute import AttributeReward
 from ..rewards.base import MetricError
 from ..rewards.hybrid import HybridReward
@@ -78,7 +80,7 @@ class OnlineTrainer:
         if src == "ema":
             return self.policy.using(self.ema)
         if src == "policy":
-            return self.policy.using(self.policy.model)
+            return contextlib.nullcontext()
         raise ValueError(f"rollout_from must be reference, ema or policy, got {src!r}")
 
     def rollout(self, cond, n: int):
@@ -110,7 +112,7 @@ class OnlineTrainer:
         if c.method == "gdpo":
             t = torch.full((n * G,), p.config.t_noise)
             tm = torch.tensor(p.config.t_diff)
-            eps = torch.randn(x.shape, generator=self.gen).to(x.device)  # fresh noise for the DSM term
+            eps = torch.randn(dsm_noise_shape(p, x), generator=self.gen).to(x.device)  # fresh noise for the DSM term
             d = p.dsm(x, cond, t, eps, t_model=tm)
             with torch.no_grad(), p.reference():
                 d_ref = p.dsm(x, cond, t, eps, t_model=tm)
@@ -119,7 +121,7 @@ class OnlineTrainer:
             return loss, st
         if c.method == "dgpo":
             t = group_shared_timesteps(n, G, self.gen, c.t_min, c.t_max).to(x.device)
-            eps = group_shared_noise(n, G, tuple(x.shape[1:]), self.gen).to(x.device)
+            eps = group_shared_noise(n, G, dsm_noise_shape(p, x)[1:], self.gen).to(x.device)
             d = p.dsm(x, cond, t, eps)
             with torch.no_grad(), p.reference():
                 d_ref = p.dsm(x, cond, t, eps)

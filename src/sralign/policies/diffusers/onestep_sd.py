@@ -1,0 +1,229 @@
+"""OSEDiff / NAOSD-style one-step SR on a Stable Diffusion UNet + VAE, with peft LoRA.
+
+The GDPO-SR base model: z_lr = VAE(LR↑); z_in = add_noise(z_lr, ε, t_noise) (DDPM schedule,
+reference setting 250); one UNet call at the *unequal* timestep t_diff (100); one DDPM step to
+x̂0 = (z_in − √(1−ᾱ_tdiff)·ε̂)/√ᾱ_tdiff; VAE decode. Fresh ε gives diverse outputs.
+
+Only the UNet's LoRA adapters train; ``reference()`` disables them (no second UNet in memory).
+Weights load from a local diffusers folder (``vae/``, ``unet/``, optional ``scheduler/``,
+``text_encoder/`` + ``tokenizer/``) with ``local_files_only=True``; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..base import Cond, Samples
+from ..tiny import PolicyLoadError
+
+CONFIG_NAME = "sralign_policy.json"
+LORA_NAME = "lora.safetensors"
+
+
+@dataclass
+class OneStepSDConfig:
+    scale: int = 4
+    t_noise: float = 0.25  # noise level of the input (250 / 1000)
+    t_diff: float = 0.10  # timestep given to the UNet (100 / 1000)
+    lora_rank: int = 4
+    lora_alpha: float = 4.0
+    lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    prompt: str = ""
+
+
+class _SDModules(nn.Module):
+    def __init__(self, vae: nn.Module, unet: nn.Module):
+        super().__init__()
+        self.vae, self.unet = vae, unet
+
+
+def _require(folder: Path, sub: str, file: str) -> None:
+    if not (folder / sub / file).is_file():
+        raise PolicyLoadError(f"missing {sub}/{file} in {folder}: a diffusers model folder needs vae/ and unet/ "
+                              f"(config.json + diffusion_pytorch_model.safetensors each)")
+
+
+class OneStepSD:
+    """One-step SD SR policy (implements ``SRPolicy``; sampler ``onestep`` only)."""
+
+    def __init__(self, vae, unet, scheduler, config: OneStepSDConfig | None = None, prompt_embeds: Tensor | None = None,
+                 base_path: str | None = None, device: str | torch.device = "cpu"):
+        from peft import LoraConfig
+
+        self.config = config or OneStepSDConfig()
+        self.scale = self.config.scale
+        self.device = torch.device(device)
+        self.base_path = base_path
+        vae.requires_grad_(False).eval()
+        unet.requires_grad_(False)
+        unet.add_adapter(LoraConfig(r=self.config.lora_rank, lora_alpha=self.config.lora_alpha,
+                                    init_lora_weights="gaussian", target_modules=list(self.config.lora_targets)))
+        self.model = _SDModules(vae, unet).to(self.device)
+        self.scheduler = scheduler
+        self.alphas_cumprod = scheduler.alphas_cumprod.to(self.device, torch.float32)
+        self.vae_scale = float(getattr(vae.config, "scaling_factor", 0.18215))
+        cross = unet.config.cross_attention_dim
+        if prompt_embeds is None:
+            prompt_embeds = torch.zeros(1, 1, cross)  # the "empty" conditioning when no text encoder is given
+        self.prompt_embeds = prompt_embeds.to(self.device, torch.float32)
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, config: OneStepSDConfig | None = None, device: str = "cpu") -> "OneStepSD":
+        """Load a diffusers folder (base model) or an sralign folder written by ``save`` (base path + LoRA)."""
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+        folder = Path(path)
+        if (folder / CONFIG_NAME).is_file():
+            meta = json.loads((folder / CONFIG_NAME).read_text())
+            pol = cls.from_pretrained(meta["base_path"], OneStepSDConfig(**meta["config"]), device=device)
+            pol.load(folder)
+            return pol
+        if not folder.is_dir():
+            raise PolicyLoadError(f"{folder}: no such model folder")
+        for sub in ("vae", "unet"):
+            _require(folder, sub, "config.json")
+        try:
+            vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True)
+            unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True)
+        except OSError as e:
+            raise PolicyLoadError(f"could not load weights from {folder}: {str(e).splitlines()[0]}") from None
+        if (folder / "scheduler" / "scheduler_config.json").is_file():
+            sched = DDPMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
+        else:
+            sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+        cfg = config or OneStepSDConfig()
+        embeds = None
+        if (folder / "text_encoder").is_dir() and (folder / "tokenizer").is_dir():
+            from transformers import CLIPTextModel, CLIPTokenizer
+
+            tok = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True)
+            enc = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", local_files_only=True)
+            ids = tok([cfg.prompt], padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+            with torch.no_grad():
+                embeds = enc(ids)[0]
+        return cls(vae, unet, sched, cfg, embeds, base_path=str(folder.resolve()), device=device)
+
+    def _lora_state(self) -> dict[str, Tensor]:
+        from peft import get_peft_model_state_dict
+
+        return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(self.model.unet).items()}
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the LoRA weights and a config that points at the base model folder."""
+        from safetensors.torch import save_file
+
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / (LORA_NAME + ".tmp")
+        save_file(self._lora_state(), str(tmp))
+        os.replace(tmp, folder / LORA_NAME)
+        (folder / CONFIG_NAME).write_text(json.dumps({"type": "onestep_sd", "base_path": self.base_path, "config": asdict(self.config)}, indent=2))
+
+    def load(self, path: str | os.PathLike) -> None:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        f = Path(path) / LORA_NAME
+        if not f.is_file():
+            raise PolicyLoadError(f"missing LoRA weights file {LORA_NAME} in {path}")
+        set_peft_model_state_dict(self.model.unet, load_file(str(f), device=str(self.device)))
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for k, v in sorted(self._lora_state().items()):
+            h.update(k.encode())
+            h.update(v.numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    # ------------------------------------------------------------------ training helpers
+    def freeze_reference(self) -> None:
+        """The reference is the base UNet (adapters disabled): nothing to copy."""
+
+    @contextmanager
+    def reference(self):
+        self.model.unet.disable_adapters()
+        try:
+            yield self
+        finally:
+            self.model.unet.enable_adapters()
+
+    @contextmanager
+    def using(self, model: nn.Module):
+        raise NotImplementedError("OneStepSD has no EMA rollout model; use rollout_from=reference or policy")
+        yield  # pragma: no cover
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        return (p for p in self.model.unet.parameters() if p.requires_grad)
+
+    def to(self, device) -> "OneStepSD":
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        self.alphas_cumprod = self.alphas_cumprod.to(self.device)
+        self.prompt_embeds = self.prompt_embeds.to(self.device)
+        return self
+
+    # ------------------------------------------------------------------ the contract
+    def _encode(self, img01: Tensor) -> Tensor:
+        with torch.no_grad():
+            return self.model.vae.encode(img01 * 2 - 1).latent_dist.mode() * self.vae_scale
+
+    def condition(self, lr: Tensor) -> Cond:
+        lr = lr.to(self.device, torch.float32)
+        lr_up = F.interpolate(lr, scale_factor=self.scale, mode="bicubic", align_corners=False).clamp(0, 1)
+        return Cond(lr=lr, lr_up=lr_up, features={"z_lr": self._encode(lr_up)})
+
+    def noise_shape(self, cond: Cond, group: int = 1) -> tuple[int, ...]:
+        b, c, h, w = cond.features["z_lr"].shape
+        return (b * group, c, h, w)
+
+    def dsm_noise_shape(self, x0: Tensor) -> tuple[int, ...]:
+        f = 2 ** (len(self.model.vae.config.block_out_channels) - 1)
+        return (x0.shape[0], self.model.unet.config.in_channels, x0.shape[2] // f, x0.shape[3] // f)
+
+    def _steps(self, t: Tensor) -> Tensor:
+        return (t.float() * 1000).round().clamp(0, 999).long()
+
+    def _unet(self, z: Tensor, t_int: Tensor) -> Tensor:
+        emb = self.prompt_embeds.expand(z.shape[0], -1, -1)
+        return self.model.unet(z, t_int, encoder_hidden_states=emb).sample
+
+    def sample(self, cond: Cond, noise: Tensor, *, sampler: str = "onestep", steps: int = 1, return_trajectory: bool = False, **_) -> Samples:
+        if sampler != "onestep":
+            raise ValueError(f"OneStepSD samples with 'onestep' only (got {sampler!r}): it is a one-step model")
+        n = noise.shape[0]
+        if n % cond.batch_size:
+            raise ValueError(f"noise batch {n} is not a multiple of the LR batch {cond.batch_size}")
+        z_lr = cond.features["z_lr"].repeat_interleave(n // cond.batch_size, 0)
+        eps = noise.to(self.device, torch.float32)
+        tn = torch.full((n,), self.config.t_noise, device=self.device)
+        td = self._steps(torch.full((n,), self.config.t_diff, device=self.device))
+        a_n = self.alphas_cumprod[self._steps(tn)][:, None, None, None]
+        z_in = a_n.sqrt() * z_lr + (1 - a_n).sqrt() * eps
+        eps_hat = self._unet(z_in, td)
+        a_d = self.alphas_cumprod[td][:, None, None, None]
+        z0 = (z_in - (1 - a_d).sqrt() * eps_hat) / a_d.sqrt()
+        img = self.model.vae.decode(z0 / self.vae_scale).sample
+        return Samples(images=((img + 1) / 2).clamp(0, 1))
+
+    def dsm(self, x0: Tensor, cond: Cond, t: Tensor, noise: Tensor, t_model: Tensor | None = None) -> Tensor:
+        """ε-prediction loss per sample [B] in latent space: x0 encoded by the VAE, noised at t,
+        UNet queried at t_model (default t)."""
+        z0 = self._encode(x0.to(self.device, torch.float32))
+        t = t.to(self.device).reshape(-1)
+        ti = self._steps(t)
+        tm = ti if t_model is None else self._steps(t_model.to(self.device).reshape(-1).expand_as(t))
+        a = self.alphas_cumprod[ti][:, None, None, None]
+        eps = noise.to(self.device, torch.float32)
+        z_t = a.sqrt() * z0 + (1 - a).sqrt() * eps
+        return ((self._unet(z_t, tm) - eps) ** 2).flatten(1).mean(1)

@@ -1,0 +1,129 @@
+"""OneStepSD on tiny random-config diffusers models built in the test (no downloads)."""
+
+import pytest
+import torch
+
+from sralign.data.store import CandidateStore
+from sralign.policies.diffusers import OneStepSD
+from sralign.policies.tiny import PolicyLoadError
+from sralign.train.candidates import GenerateConfig, LRSetConfig, generate, score_store
+from sralign.train.offline import OfflineTrainer
+from sralign.train.offline_config import DP2OConfig
+from sralign.train.online import OnlineTrainer
+from sralign.train.online_config import DGPOConfig, GDPOConfig
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                        norm_num_groups=8, layers_per_block=1, sample_size=32)
+    unet = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(16, 32),
+                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
+                                attention_head_dim=4, norm_num_groups=8)
+    d = tmp_path_factory.mktemp("sd") / "tiny-sd"
+    vae.save_pretrained(d / "vae")
+    unet.save_pretrained(d / "unet")
+    return d
+
+
+def _lora_names(pol):
+    return {n for n, p in pol.model.unet.named_parameters() if p.requires_grad}
+
+
+def test_sample_size_seeds_and_reference(sd_folder):
+    pol = OneStepSD.from_pretrained(sd_folder)
+    lr = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    cond = pol.condition(lr)
+    n1 = torch.randn(pol.noise_shape(cond, 2), generator=torch.Generator().manual_seed(1))
+    n2 = torch.randn(pol.noise_shape(cond, 2), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        a = pol.sample(cond, n1).images
+        b = pol.sample(cond, n2).images
+    assert a.shape == (4, 3, 32, 32)
+    assert (a - b).abs().mean() > 1e-4
+    assert all("lora" in n for n in _lora_names(pol)) and _lora_names(pol)
+    # gaussian LoRA init has B = 0: the policy equals the base until trained; then reference() still does
+    with torch.no_grad():
+        base = pol.sample(cond, n1).images
+        for p in pol.trainable_parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        moved = pol.sample(cond, n1).images
+        with pol.reference():
+            ref = pol.sample(cond, n1).images
+    assert torch.equal(ref, base) and not torch.allclose(moved, base)
+
+
+def test_dsm_grads_reach_lora_only_and_save_load(sd_folder, tmp_path):
+    pol = OneStepSD.from_pretrained(sd_folder)
+    x0 = torch.rand(2, 3, 32, 32)
+    cond = pol.condition(torch.rand(2, 3, 8, 8))
+    eps = torch.randn(pol.dsm_noise_shape(x0))
+    d = pol.dsm(x0, cond, torch.full((2,), 0.25), eps, t_model=torch.tensor(0.1))
+    assert d.shape == (2,)
+    d.sum().backward()
+    for n, p in pol.model.named_parameters():
+        if "lora" in n and "unet" in n:
+            assert p.grad is not None
+        else:
+            assert p.grad is None, n
+    with torch.no_grad():
+        for p in pol.trainable_parameters():
+            p.add_(0.05)
+    pol.save(tmp_path / "aligned")
+    q = OneStepSD.from_pretrained(tmp_path / "aligned")
+    sa, sb = pol._lora_state(), q._lora_state()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_missing_files_are_named(tmp_path):
+    (tmp_path / "m" / "vae").mkdir(parents=True)
+    with pytest.raises(PolicyLoadError, match="missing vae/config.json"):
+        OneStepSD.from_pretrained(tmp_path / "m")
+
+
+def _only_lora_changed(pol, before):
+    after = dict(pol.model.unet.named_parameters())
+    changed = {n for n in before if not torch.equal(before[n], after[n].detach())}
+    assert changed and all("lora" in n for n in changed)
+    for n, p in pol.model.vae.named_parameters():
+        assert not p.requires_grad
+
+
+@pytest.mark.parametrize("method", ["gdpo", "dgpo"])
+def test_online_step_changes_only_lora(sd_folder, tmp_path, method):
+    pol = OneStepSD.from_pretrained(sd_folder)
+    before = {n: p.detach().clone() for n, p in pol.model.unet.named_parameters()}
+    if method == "gdpo":
+        cfg = GDPOConfig(steps_total=1, batch_lr=1, group=3, reward="hybrid", fr_metrics=["psnr"], nr_metrics=["sharpness"], lr=1e-2)
+    else:
+        cfg = DGPOConfig(steps_total=1, batch_lr=1, group=3, sampler="onestep", steps=1, rollout_from="policy", fr_metrics=["psnr"], nr_metrics=["sharpness"], lr=1e-2)
+    cfg.lr_set = LRSetConfig(n=2, patch=32)
+    OnlineTrainer(pol, cfg, tmp_path / method).train(progress=False)
+    _only_lora_changed(pol, before)
+
+
+@pytest.mark.parametrize("method", ["dp2o", "dpo"])
+def test_offline_step_changes_only_lora(sd_folder, tmp_path, method):
+    pol = OneStepSD.from_pretrained(sd_folder)
+    st = CandidateStore(tmp_path / "store")
+    generate(st, pol, GenerateConfig(m=4, sampler="onestep", steps=1, lr_set=LRSetConfig(n=2, patch=32)), progress=False)
+    score_store(st, ["psnr", "sharpness"], progress=False)
+    before = {n: p.detach().clone() for n, p in pol.model.unet.named_parameters()}
+    cfg = DP2OConfig(method=method, steps=1, batch_pairs=2, n=1, fr_metrics=["psnr"], nr_metrics=["sharpness"], lr=1e-2)
+    OfflineTrainer(pol, st, cfg, tmp_path / "run").train(progress=False)
+    _only_lora_changed(pol, before)
+    assert (tmp_path / "run" / "policy" / "lora.safetensors").is_file()
+
+
+def test_load_policy_detects_diffusers_folders(sd_folder, tmp_path):
+    from sralign.policies import load_policy
+
+    pol = load_policy(str(sd_folder))
+    assert isinstance(pol, OneStepSD)
+    pol.save(tmp_path / "a")
+    assert isinstance(load_policy(str(tmp_path / "a")), OneStepSD)
