@@ -92,3 +92,15 @@ def test_degrade_cli(bad_folder, tmp_path, capsys):
     a = (tmp_path / "lr" / "big.png").read_bytes()
     main(["degrade", str(bad_folder), str(tmp_path / "lr2"), "--scale", "4", "--seed", "3", "--quiet"])
     assert (tmp_path / "lr2" / "big.png").read_bytes() == a
+
+
+def test_train_and_eval_cli(tmp_path, policy_dir, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--method", "dgpo", "--policy", str(policy_dir), "--out", str(run), "--quiet",
+                 "steps_total=1", "batch_lr=1", "group=3", "lr_set.n=2", "lr_set.patch=32"]) == 0
+    assert main(["eval", str(run), "--quiet", "m=2", "steps=2", "lr_set.n=2", "lr_set.patch=32"]) == 0
+    out = capsys.readouterr().out
+    assert (run / "eval" / "report.html").is_file() and "report.html" in out
+    assert main(["train", "--method", "dp2o", "--out", str(tmp_path / "x")]) == 2
+    assert "needs" not in out  # the store error goes to stderr
+    assert "--store" in capsys.readouterr().err
