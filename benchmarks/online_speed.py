@@ -16,7 +16,6 @@ ratios GRPO / method.
 
 import argparse
 import json
-import time
 
 import torch
 

@@ -182,7 +182,6 @@ def test_dgpo_weighted_form_gradient_matches_exact_direction():
     d1 = d.clone().requires_grad_(True)
     (g_exact,) = torch.autograd.grad(dgpo_loss(d1, d_ref, adv, beta=50.0)[0], d1)
     (g_w,) = torch.autograd.grad(dgpo_loss(d1, d_ref, adv, beta=50.0, form="weighted")[0], d1)
-    G = d.shape[1]
     # exact: σ(x)·β/G·A ; weighted: σ(x)·A/(n·G) -> ratio β
     assert torch.allclose(g_exact, g_w * 50.0, rtol=1e-9)
 

@@ -1,10 +1,9 @@
-import time
 
 import pytest
 import torch
 
-from sralign.policies import SRPolicy, TinyPolicy, load_policy
-from sralign.policies.tiny import PolicyLoadError, shipped_checkpoint_dir
+from sralign.policies import SRPolicy, TinyPolicy
+from sralign.policies.tiny import PolicyLoadError
 
 
 def test_protocol_and_shapes(tiny_random_policy, lr_batch):

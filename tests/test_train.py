@@ -10,7 +10,6 @@ from safetensors.torch import load_file
 from sralign.data.store import CandidateStore
 from sralign.policies import load_policy
 from sralign.rewards.base import MetricError
-from sralign.rewards.hybrid import HybridReward
 from sralign.train.candidates import GenerateConfig, LRSetConfig, generate, score_store
 from sralign.train.offline import OfflineTrainer
 from sralign.train.offline_config import DP2OConfig

@@ -60,7 +60,7 @@ def write_report(out: str | Path, result, figures: dict[str, Path], meta: dict) 
     (inside ``out``); ``meta``: config and timing to print."""
     out = Path(out)
     table_md = format_table(result)
-    md = [f"# sralign report\n", f"M = {result.m} seeds per held-out LR image; reward = {', '.join(result.reward_names)}; "
+    md = ["# sralign report\n", f"M = {result.m} seeds per held-out LR image; reward = {', '.join(result.reward_names)}; "
           f"held-out metrics: {', '.join(result.heldout_metrics) or 'none'}.\n", table_md, ""]
     for title, p in figures.items():
         md += [f"## {title}\n", f"![{title}]({p.name})\n"]

@@ -6,7 +6,7 @@ Input: the noisy state x_t [B,3,H,W] and LR features [B,Cc,H,W]; output: a veloc
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F

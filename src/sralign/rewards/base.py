@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Literal, Protocol, runtime_checkable
 
-import torch
 from torch import Tensor
 
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .functional import crop_border, mean_gradient, psnr_y, rgb_to_y
+from .functional import crop_border, mean_gradient, rgb_to_y
 
 
 def _gauss11(dtype, device) -> Tensor:

@@ -7,7 +7,6 @@ C = 1/255, MSCN + four pair products, AGGD moment-matching fit.
 
 from __future__ import annotations
 
-import math
 from functools import lru_cache
 
 import torch

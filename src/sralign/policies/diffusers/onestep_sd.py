@@ -11,13 +11,10 @@ Weights load from a local diffusers folder (``vae/``, ``unet/``, optional ``sche
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -25,9 +22,9 @@ from torch import Tensor, nn
 
 from ..base import Cond, Samples
 from ..tiny import PolicyLoadError
+from .lora import LoraPolicyMixin, add_lora
 
 CONFIG_NAME = "sralign_policy.json"
-LORA_NAME = "lora.safetensors"
 
 
 @dataclass
@@ -53,21 +50,17 @@ def _require(folder: Path, sub: str, file: str) -> None:
                               f"(config.json + diffusion_pytorch_model.safetensors each)")
 
 
-class OneStepSD:
+class OneStepSD(LoraPolicyMixin):
     """One-step SD SR policy (implements ``SRPolicy``; sampler ``onestep`` only)."""
 
     def __init__(self, vae, unet, scheduler, config: OneStepSDConfig | None = None, prompt_embeds: Tensor | None = None,
                  base_path: str | None = None, device: str | torch.device = "cpu"):
-        from peft import LoraConfig
-
         self.config = config or OneStepSDConfig()
         self.scale = self.config.scale
         self.device = torch.device(device)
         self.base_path = base_path
         vae.requires_grad_(False).eval()
-        unet.requires_grad_(False)
-        unet.add_adapter(LoraConfig(r=self.config.lora_rank, lora_alpha=self.config.lora_alpha,
-                                    init_lora_weights="gaussian", target_modules=list(self.config.lora_targets)))
+        add_lora(unet, self.config.lora_rank, self.config.lora_alpha, self.config.lora_targets)
         self.model = _SDModules(vae, unet).to(self.device)
         self.scheduler = scheduler
         self.alphas_cumprod = scheduler.alphas_cumprod.to(self.device, torch.float32)
@@ -114,57 +107,16 @@ class OneStepSD:
                 embeds = enc(ids)[0]
         return cls(vae, unet, sched, cfg, embeds, base_path=str(folder.resolve()), device=device)
 
-    def _lora_state(self) -> dict[str, Tensor]:
-        from peft import get_peft_model_state_dict
-
-        return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(self.model.unet).items()}
-
     def save(self, path: str | os.PathLike) -> None:
         """Write the LoRA weights and a config that points at the base model folder."""
-        from safetensors.torch import save_file
-
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / (LORA_NAME + ".tmp")
-        save_file(self._lora_state(), str(tmp))
-        os.replace(tmp, folder / LORA_NAME)
+        self._save_lora(folder)
         (folder / CONFIG_NAME).write_text(json.dumps({"type": "onestep_sd", "base_path": self.base_path, "config": asdict(self.config)}, indent=2))
 
-    def load(self, path: str | os.PathLike) -> None:
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        f = Path(path) / LORA_NAME
-        if not f.is_file():
-            raise PolicyLoadError(f"missing LoRA weights file {LORA_NAME} in {path}")
-        set_peft_model_state_dict(self.model.unet, load_file(str(f), device=str(self.device)))
-
-    def fingerprint(self) -> str:
-        h = hashlib.sha256()
-        for k, v in sorted(self._lora_state().items()):
-            h.update(k.encode())
-            h.update(v.numpy().tobytes())
-        return h.hexdigest()[:16]
-
     # ------------------------------------------------------------------ training helpers
-    def freeze_reference(self) -> None:
-        """The reference is the base UNet (adapters disabled): nothing to copy."""
-
-    @contextmanager
-    def reference(self):
-        self.model.unet.disable_adapters()
-        try:
-            yield self
-        finally:
-            self.model.unet.enable_adapters()
-
-    @contextmanager
-    def using(self, model: nn.Module):
-        raise NotImplementedError("OneStepSD has no EMA rollout model; use rollout_from=reference or policy")
-        yield  # pragma: no cover
-
-    def trainable_parameters(self) -> Iterator[nn.Parameter]:
-        return (p for p in self.model.unet.parameters() if p.requires_grad)
+    def _lora_modules(self) -> dict[str, nn.Module]:
+        return {"unet": self.model.unet}
 
     def to(self, device) -> "OneStepSD":
         self.device = torch.device(device)

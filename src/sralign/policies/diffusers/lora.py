@@ -1,0 +1,86 @@
+"""What every LoRA-adapted diffusers policy shares: adapters on, off (the reference), saved, loaded."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from torch import Tensor, nn
+
+from ..tiny import PolicyLoadError
+
+LORA_NAME = "lora.safetensors"
+
+
+def add_lora(module: nn.Module, rank: int, alpha: float, targets: list[str]) -> None:
+    from peft import LoraConfig
+
+    module.requires_grad_(False)
+    module.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(targets)))
+
+
+class LoraPolicyMixin:
+    """Needs ``self._lora_modules() -> dict[name, diffusers model with a peft adapter]``."""
+
+    def _lora_modules(self) -> dict[str, nn.Module]:
+        raise NotImplementedError
+
+    def _lora_state(self) -> dict[str, Tensor]:
+        from peft import get_peft_model_state_dict
+
+        out = {}
+        for name, m in self._lora_modules().items():
+            for k, v in get_peft_model_state_dict(m).items():
+                out[f"{name}.{k}"] = v.detach().cpu().contiguous()
+        return out
+
+    def _save_lora(self, folder: Path) -> None:
+        from safetensors.torch import save_file
+
+        tmp = folder / (LORA_NAME + ".tmp")
+        save_file(self._lora_state(), str(tmp))
+        os.replace(tmp, folder / LORA_NAME)
+
+    def load(self, path: str | os.PathLike) -> None:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        f = Path(path) / LORA_NAME
+        if not f.is_file():
+            raise PolicyLoadError(f"missing LoRA weights file {LORA_NAME} in {path}")
+        state = load_file(str(f), device=str(self.device))
+        for name, m in self._lora_modules().items():
+            pre = name + "."
+            set_peft_model_state_dict(m, {k[len(pre):]: v for k, v in state.items() if k.startswith(pre)})
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for k, v in sorted(self._lora_state().items()):
+            h.update(k.encode())
+            h.update(v.numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def freeze_reference(self) -> None:
+        """The reference is the base model with adapters disabled: nothing to copy."""
+
+    @contextmanager
+    def reference(self):
+        mods = list(self._lora_modules().values())
+        for m in mods:
+            m.disable_adapters()
+        try:
+            yield self
+        finally:
+            for m in mods:
+                m.enable_adapters()
+
+    @contextmanager
+    def using(self, model: nn.Module):
+        raise NotImplementedError(f"{type(self).__name__} has no EMA rollout model; use rollout_from=reference or policy")
+        yield  # pragma: no cover
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        return (p for m in self._lora_modules().values() for p in m.parameters() if p.requires_grad)
