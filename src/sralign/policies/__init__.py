@@ -6,19 +6,25 @@ from .tiny import PolicyLoadError, TinyPolicy, TinyPolicyConfig
 
 def load_policy(spec: str | None = None, device: str = "cpu"):
     """Load a policy by spec: ``None``/``"tiny"`` = the shipped tiny checkpoint; a tiny-policy
-    folder; a diffusers SD folder (``vae/`` + ``unet/``) or an sralign LoRA folder of one
-    (``sralign_policy.json``) -> ``OneStepSD`` (extra ``[diffusers]``)."""
+    folder; a diffusers SD folder (``vae/`` + ``unet/``; with ``controlnet/`` -> ``ControlNetSD``,
+    else ``OneStepSD``) or an sralign LoRA folder of one (``sralign_policy.json``); extra
+    ``[diffusers]``."""
     from pathlib import Path
 
     if spec in (None, "", "tiny"):
         return TinyPolicy.from_pretrained(None, device=device)
+    import json
+
     folder = Path(spec)
-    if (folder / "sralign_policy.json").is_file() or ((folder / "vae").is_dir() and (folder / "unet").is_dir()):
+    meta = folder / "sralign_policy.json"
+    if meta.is_file() or ((folder / "vae").is_dir() and (folder / "unet").is_dir()):
         try:
-            from .diffusers import OneStepSD
+            from .diffusers import ControlNetSD, OneStepSD
         except ImportError as e:
             raise PolicyLoadError(f"{folder} is a diffusers model: install the extra with pip install 'sralign[diffusers]' ({e})") from None
-        return OneStepSD.from_pretrained(folder, device=device)
+        kind = json.loads(meta.read_text()).get("type") if meta.is_file() else ("controlnet_sd" if (folder / "controlnet").is_dir() else "onestep_sd")
+        cls = ControlNetSD if kind == "controlnet_sd" else OneStepSD
+        return cls.from_pretrained(folder, device=device)
     return TinyPolicy.from_pretrained(spec, device=device)
 
 

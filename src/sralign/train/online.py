@@ -136,6 +136,8 @@ class OnlineTrainer:
         total, agg = 0.0, {}
         for i in range(S):
             _, lp, mean, std = p.sde_step(cond, traj[:, i], sig, i, prev_sample=traj[:, i + 1], noise_level=c.noise_level)
+            if float(std) <= 0:  # a deterministic transition carries no policy gradient
+                continue
             with torch.no_grad(), p.reference():
                 _, _, mean_ref, _ = p.sde_step(cond, traj[:, i], sig, i, prev_sample=traj[:, i + 1], noise_level=c.noise_level)
             kl = ((mean - mean_ref) ** 2).flatten(1).mean(1) / (2 * std**2)

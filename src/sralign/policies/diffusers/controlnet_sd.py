@@ -1,0 +1,228 @@
+"""ControlNet-SD2 SR (DP²O-SR's C-SD2): a Stable Diffusion UNet steered by a ControlNet that sees
+the upsampled LR; multi-step DDIM ``ode`` sampling and stochastic DDIM (η > 0) ``sde`` sampling
+with per-step Gaussian log-probs (for GRPO), classifier-free guidance, peft LoRA on the UNet
+(optionally on the ControlNet). ``reference()`` disables the adapters.
+
+Folder layout (local, ``local_files_only``): ``vae/``, ``unet/``, optional ``controlnet/`` (else
+initialised from the UNet, as DP²O-SR does), optional ``scheduler/``, optional
+``text_encoder/`` + ``tokenizer/``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..base import Cond, Samples
+from ..tiny import PolicyLoadError
+from .lora import LoraPolicyMixin, add_lora
+from .onestep_sd import CONFIG_NAME, _require
+
+
+@dataclass
+class ControlNetSDConfig:
+    scale: int = 4
+    guidance_scale: float = 1.0  # DP²O-SR C-SD2: 3.5 (with a negative prompt)
+    sde_noise_level: float = 1.0  # DDIM η of the sde sampler
+    lora_rank: int = 4
+    lora_alpha: float = 4.0
+    lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    lora_on_controlnet: bool = False
+    prompt: str = ""
+    negative_prompt: str = ""
+
+
+class _CNModules(nn.Module):
+    def __init__(self, vae, unet, controlnet):
+        super().__init__()
+        self.vae, self.unet, self.controlnet = vae, unet, controlnet
+
+
+class ControlNetSD(LoraPolicyMixin):
+    """Multi-step ControlNet SR policy (implements ``SRPolicy``; samplers ``ode`` and ``sde``)."""
+
+    def __init__(self, vae, unet, controlnet, scheduler, config: ControlNetSDConfig | None = None,
+                 prompt_embeds: Tensor | None = None, negative_embeds: Tensor | None = None,
+                 base_path: str | None = None, device: str | torch.device = "cpu"):
+        self.config = config or ControlNetSDConfig()
+        self.scale = self.config.scale
+        self.device = torch.device(device)
+        self.base_path = base_path
+        vae.requires_grad_(False).eval()
+        controlnet.requires_grad_(False)
+        add_lora(unet, self.config.lora_rank, self.config.lora_alpha, self.config.lora_targets)
+        if self.config.lora_on_controlnet:
+            add_lora(controlnet, self.config.lora_rank, self.config.lora_alpha, self.config.lora_targets)
+        self.model = _CNModules(vae, unet, controlnet).to(self.device)
+        self.alphas_cumprod = scheduler.alphas_cumprod.to(self.device, torch.float32)
+        self.vae_scale = float(getattr(vae.config, "scaling_factor", 0.18215))
+        cross = unet.config.cross_attention_dim
+        self.prompt_embeds = (prompt_embeds if prompt_embeds is not None else torch.zeros(1, 1, cross)).to(self.device)
+        self.negative_embeds = (negative_embeds if negative_embeds is not None else torch.zeros_like(self.prompt_embeds)).to(self.device)
+
+    @classmethod
+    def from_pretrained(cls, path, config: ControlNetSDConfig | None = None, device: str = "cpu") -> "ControlNetSD":
+        from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
+
+        folder = Path(path)
+        if (folder / CONFIG_NAME).is_file():
+            meta = json.loads((folder / CONFIG_NAME).read_text())
+            pol = cls.from_pretrained(meta["base_path"], ControlNetSDConfig(**meta["config"]), device=device)
+            pol.load(folder)
+            return pol
+        if not folder.is_dir():
+            raise PolicyLoadError(f"{folder}: no such model folder")
+        for sub in ("vae", "unet"):
+            _require(folder, sub, "config.json")
+        try:
+            vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True)
+            unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True)
+            if (folder / "controlnet" / "config.json").is_file():
+                cn = ControlNetModel.from_pretrained(folder, subfolder="controlnet", local_files_only=True)
+            else:
+                cn = ControlNetModel.from_unet(unet)
+        except OSError as e:
+            raise PolicyLoadError(f"could not load weights from {folder}: {str(e).splitlines()[0]}") from None
+        if (folder / "scheduler" / "scheduler_config.json").is_file():
+            sched = DDPMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
+        else:
+            sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+        cfg = config or ControlNetSDConfig()
+        pe = ne = None
+        if (folder / "text_encoder").is_dir() and (folder / "tokenizer").is_dir():
+            from transformers import CLIPTextModel, CLIPTokenizer
+
+            tok = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True)
+            enc = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", local_files_only=True)
+            with torch.no_grad():
+                pe, ne = (enc(tok([p], padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids)[0]
+                          for p in (cfg.prompt, cfg.negative_prompt))
+        return cls(vae, unet, cn, sched, cfg, pe, ne, base_path=str(folder.resolve()), device=device)
+
+    def save(self, path) -> None:
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        self._save_lora(folder)
+        (folder / CONFIG_NAME).write_text(json.dumps({"type": "controlnet_sd", "base_path": self.base_path, "config": asdict(self.config)}, indent=2))
+
+    def _lora_modules(self) -> dict[str, nn.Module]:
+        mods = {"unet": self.model.unet}
+        if self.config.lora_on_controlnet:
+            mods["controlnet"] = self.model.controlnet
+        return mods
+
+    def to(self, device) -> "ControlNetSD":
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        for k in ("alphas_cumprod", "prompt_embeds", "negative_embeds"):
+            setattr(self, k, getattr(self, k).to(self.device))
+        return self
+
+    # ------------------------------------------------------------------ the contract
+    def _latent_factor(self) -> int:
+        return 2 ** (len(self.model.vae.config.block_out_channels) - 1)
+
+    def _encode(self, img01: Tensor) -> Tensor:
+        with torch.no_grad():
+            return self.model.vae.encode(img01 * 2 - 1).latent_dist.mode() * self.vae_scale
+
+    def condition(self, lr: Tensor) -> Cond:
+        lr = lr.to(self.device, torch.float32)
+        lr_up = F.interpolate(lr, scale_factor=self.scale, mode="bicubic", align_corners=False).clamp(0, 1)
+        return Cond(lr=lr, lr_up=lr_up, features={"control": lr_up})
+
+    def noise_shape(self, cond: Cond, group: int = 1) -> tuple[int, ...]:
+        b, _, h, w = cond.lr_up.shape
+        f = self._latent_factor()
+        return (b * group, self.model.unet.config.in_channels, h // f, w // f)
+
+    def dsm_noise_shape(self, x0: Tensor) -> tuple[int, ...]:
+        f = self._latent_factor()
+        return (x0.shape[0], self.model.unet.config.in_channels, x0.shape[2] // f, x0.shape[3] // f)
+
+    def _eps(self, z: Tensor, t_int: Tensor, control: Tensor, guidance: float | None = None) -> Tensor:
+        g = self.config.guidance_scale if guidance is None else guidance
+        n = z.shape[0]
+        if g != 1.0:
+            z2, t2, c2 = torch.cat([z, z]), torch.cat([t_int, t_int]), torch.cat([control, control])
+            emb = torch.cat([self.negative_embeds.expand(n, -1, -1), self.prompt_embeds.expand(n, -1, -1)])
+        else:
+            z2, t2, c2, emb = z, t_int, control, self.prompt_embeds.expand(n, -1, -1)
+        down, mid = self.model.controlnet(z2, t2, encoder_hidden_states=emb, controlnet_cond=c2, return_dict=False)
+        eps = self.model.unet(z2, t2, encoder_hidden_states=emb, down_block_additional_residuals=down,
+                              mid_block_additional_residual=mid).sample
+        if g != 1.0:
+            u, c = eps.chunk(2)
+            eps = u + g * (c - u)
+        return eps
+
+    def timesteps(self, steps: int) -> Tensor:
+        """DDIM timesteps [steps+1]: 999 down to 999/steps, then −1 (the clean end, ᾱ_0), so every
+        step of the sde sampler has a positive variance."""
+        if not 1 <= steps <= 1000:
+            raise ValueError(f"steps must be in 1..1000, got {steps}")
+        ts = torch.linspace(999, 0, steps + 1).round().long()[:-1]
+        return torch.cat([ts, torch.tensor([-1])]).to(self.device)
+
+    def _alpha(self, t: Tensor) -> Tensor:
+        # the clean end uses ᾱ_0 (not 1) so the last stochastic step keeps a positive variance
+        return torch.where(t >= 0, self.alphas_cumprod[t.clamp_min(0)], self.alphas_cumprod[0])
+
+    def sde_step(self, cond: Cond, x: Tensor, timesteps: Tensor, i: int, *, prev_sample: Tensor | None = None,
+                 generator: torch.Generator | None = None, noise_level: float | None = None):
+        """One DDIM step from timesteps[i] to timesteps[i+1] with η = noise_level (0 = ode).
+        Returns (x_next, log_prob [B] (mean over dims), mean, std)."""
+        eta = self.config.sde_noise_level if noise_level is None else noise_level
+        t, t_prev = timesteps[i], timesteps[i + 1]
+        a, a_prev = self._alpha(t), self._alpha(t_prev)
+        eps = self._eps(x, t.expand(x.shape[0]), cond.features["control"])
+        x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+        std = eta * torch.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev)).clamp_min(0)
+        mean = a_prev.sqrt() * x0 + (1 - a_prev - std**2).clamp_min(0).sqrt() * eps
+        if std <= 0:
+            return mean, torch.zeros(x.shape[0], device=x.device), mean, std
+        if prev_sample is None:
+            prev_sample = mean + std * torch.randn(x.shape, generator=generator).to(x.device)
+        logp = -((prev_sample.detach() - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+        return prev_sample, logp.flatten(1).mean(1), mean, std
+
+    def sample(self, cond: Cond, noise: Tensor, *, sampler: str = "ode", steps: int = 20, return_trajectory: bool = False,
+               generator: torch.Generator | None = None, noise_level: float | None = None) -> Samples:
+        if sampler not in ("ode", "sde"):
+            raise ValueError(f"ControlNetSD samples with 'ode' or 'sde' (got {sampler!r})")
+        n = noise.shape[0]
+        if n % cond.batch_size:
+            raise ValueError(f"noise batch {n} is not a multiple of the LR batch {cond.batch_size}")
+        c = cond.repeat(n // cond.batch_size)
+        ts = self.timesteps(steps)
+        x = noise.to(self.device, torch.float32)
+        traj = [x] if (return_trajectory or sampler == "sde") else None
+        logps = []
+        for i in range(steps):
+            x, lp, _, _ = self.sde_step(c, x, ts, i, generator=generator, noise_level=0.0 if sampler == "ode" else noise_level)
+            if sampler == "sde":
+                logps.append(lp)
+            if traj is not None:
+                traj.append(x)
+        img = self.model.vae.decode(x / self.vae_scale).sample
+        return Samples(images=((img + 1) / 2).clamp(0, 1), trajectory=torch.stack(traj, 1) if traj is not None else None,
+                       log_probs=torch.stack(logps, 1) if logps else None, sigmas=ts if traj is not None else None)
+
+    def dsm(self, x0: Tensor, cond: Cond, t: Tensor, noise: Tensor, t_model: Tensor | None = None) -> Tensor:
+        """ε-prediction loss per sample [B] in latent space (no guidance), ControlNet on LR↑."""
+        n = x0.shape[0]
+        c = cond.repeat(n // cond.batch_size) if n != cond.batch_size else cond
+        z0 = self._encode(x0.to(self.device, torch.float32))
+        ti = (t.to(self.device).reshape(-1).float() * 1000).round().clamp(0, 999).long()
+        tm = ti if t_model is None else (t_model.to(self.device).reshape(-1).expand_as(t).float() * 1000).round().clamp(0, 999).long()
+        a = self.alphas_cumprod[ti][:, None, None, None]
+        eps = noise.to(self.device, torch.float32)
+        z_t = a.sqrt() * z0 + (1 - a).sqrt() * eps
+        return ((self._eps(z_t, tm, c.features["control"], guidance=1.0) - eps) ** 2).flatten(1).mean(1)

@@ -1,0 +1,121 @@
+"""ControlNetSD on tiny random-config diffusers models built in the test (no downloads)."""
+
+import pytest
+import torch
+
+from sralign.data.store import CandidateStore
+from sralign.policies.diffusers import ControlNetSD
+from sralign.train.candidates import GenerateConfig, LRSetConfig, generate, score_store
+from sralign.train.offline import OfflineTrainer
+from sralign.train.offline_config import DP2OConfig
+from sralign.train.online import OnlineTrainer
+from sralign.train.online_config import DGPOConfig, GRPOConfig
+
+
+@pytest.fixture(scope="module")
+def cn_folder(tmp_path_factory):
+    from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                        norm_num_groups=8, layers_per_block=1, sample_size=32)
+    unet = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(16, 32),
+                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
+                                attention_head_dim=4, norm_num_groups=8)
+    cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16))
+    with torch.no_grad():  # a ControlNet fresh from the UNet has zero output convs: give it a voice
+        for p in cn.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    d = tmp_path_factory.mktemp("cn") / "tiny-cn"
+    vae.save_pretrained(d / "vae")
+    unet.save_pretrained(d / "unet")
+    cn.save_pretrained(d / "controlnet")
+    return d
+
+
+def test_samplers_sizes_seeds_logprobs_and_reference(cn_folder):
+    pol = ControlNetSD.from_pretrained(cn_folder)
+    cond = pol.condition(torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0)))
+    n1 = torch.randn(pol.noise_shape(cond, 2), generator=torch.Generator().manual_seed(1))
+    n2 = torch.randn(pol.noise_shape(cond, 2), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        a = pol.sample(cond, n1, steps=3).images
+        b = pol.sample(cond, n2, steps=3).images
+        s = pol.sample(cond, n1, sampler="sde", steps=3, generator=torch.Generator().manual_seed(0))
+        # log-probs re-score the stored transitions
+        c2 = cond.repeat(2)
+        for i in range(3):
+            _, lp, _, std = pol.sde_step(c2, s.trajectory[:, i], s.sigmas, i, prev_sample=s.trajectory[:, i + 1])
+            assert float(std) > 0 and torch.allclose(lp, s.log_probs[:, i], atol=1e-4)
+        base = a
+        for p in pol.trainable_parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        moved = pol.sample(cond, n1, steps=3).images
+        with pol.reference():
+            ref = pol.sample(cond, n1, steps=3).images
+    assert a.shape == (2, 3, 32, 32) and s.images.shape == (2, 3, 32, 32) and s.log_probs.shape == (2, 3)
+    assert (a - b).abs().mean() > 1e-4
+    assert torch.equal(ref, base) and not torch.allclose(moved, base)
+    with pytest.raises(ValueError, match="'ode' or 'sde'"):
+        pol.sample(cond, n1, sampler="onestep")
+
+
+def test_cfg_changes_output_and_lora_save_load(cn_folder, tmp_path):
+    from sralign.policies.diffusers import ControlNetSDConfig
+
+    pol = ControlNetSD.from_pretrained(cn_folder, ControlNetSDConfig(lora_on_controlnet=True))
+    pol.prompt_embeds = torch.randn_like(pol.prompt_embeds)
+    cond = pol.condition(torch.rand(1, 3, 8, 8))
+    n = torch.randn(pol.noise_shape(cond))
+    with torch.no_grad():
+        g1 = pol.sample(cond, n, steps=2).images
+        pol.config.guidance_scale = 3.5
+        g35 = pol.sample(cond, n, steps=2).images
+        for p in pol.trainable_parameters():
+            p.add_(0.05)
+    assert not torch.allclose(g1, g35)
+    assert any(k.startswith("controlnet.") for k in pol._lora_state())
+    x0 = torch.rand(1, 3, 32, 32)
+    d = pol.dsm(x0, cond, torch.tensor([0.5]), torch.randn(pol.dsm_noise_shape(x0)))
+    d.sum().backward()
+    assert all(("lora" in nme) == (p.grad is not None) for nme, p in pol.model.named_parameters() if p.requires_grad)
+    assert all(p.grad is None for nme, p in pol.model.named_parameters() if "lora" not in nme)
+    pol.save(tmp_path / "a")
+    q = ControlNetSD.from_pretrained(tmp_path / "a")
+    sa, sb = pol._lora_state(), q._lora_state()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def _changed_only_lora(pol, before):
+    after = dict(pol.model.named_parameters())
+    changed = {n for n in before if not torch.equal(before[n], after[n].detach())}
+    assert changed and all("lora" in n for n in changed)
+
+
+@pytest.mark.parametrize("method", ["dgpo", "grpo", "dp2o", "dpo"])
+def test_one_step_of_each_method_changes_only_lora(cn_folder, tmp_path, method):
+    pol = ControlNetSD.from_pretrained(cn_folder)
+    before = {n: p.detach().clone() for n, p in pol.model.named_parameters()}
+    common = dict(steps_total=1, batch_lr=1, group=3, steps=2, rollout_from="policy", fr_metrics=["psnr"], nr_metrics=["sharpness"], lr=1e-2)
+    if method in ("dgpo", "grpo"):
+        cfg = DGPOConfig(**common) if method == "dgpo" else GRPOConfig(**common, clip_range=0.2)
+        cfg.lr_set = LRSetConfig(n=2, patch=32)
+        OnlineTrainer(pol, cfg, tmp_path / method).train(progress=False)
+    else:
+        st = CandidateStore(tmp_path / "store")
+        generate(st, pol, GenerateConfig(m=4, steps=2, lr_set=LRSetConfig(n=2, patch=32)), progress=False)
+        score_store(st, ["psnr", "sharpness"], progress=False)
+        cfg = DP2OConfig(method=method, steps=1, batch_pairs=2, n=1, fr_metrics=["psnr"], nr_metrics=["sharpness"], lr=1e-2)
+        OfflineTrainer(pol, st, cfg, tmp_path / "run").train(progress=False)
+    _changed_only_lora(pol, before)
+
+
+def test_load_policy_detects_controlnet_folders(cn_folder, tmp_path):
+    from sralign.policies import load_policy
+
+    pol = load_policy(str(cn_folder))
+    assert isinstance(pol, ControlNetSD)
+    pol.save(tmp_path / "a")
+    assert isinstance(load_policy(str(tmp_path / "a")), ControlNetSD)
