@@ -186,9 +186,13 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------- generate / train / eval
-def _policy(spec: str):
+def _policy(spec: str, model_path: str | None = None):
     from .policies import PolicyLoadError, load_policy
 
+    if model_path:
+        if spec not in ("osediff", "naosd", "controlnet-sd", "flux"):
+            raise CLIError("--model-path goes with --policy osediff | controlnet-sd | flux")
+        spec = f"{spec}:{model_path}"
     try:
         return load_policy(spec)
     except PolicyLoadError as e:
@@ -209,7 +213,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     cfg = load_config(GenerateConfig, args.config, ov)
     rank, _ = rank_world()
     store = CandidateStore(args.store, repair=rank == 0)
-    n = generate(store, _policy(args.policy), cfg, progress=not args.quiet)
+    n = generate(store, _policy(args.policy, args.model_path), cfg, progress=not args.quiet)
     print(f"rank {rank}: {n} new candidates in {args.store}")
     return 0
 
@@ -227,7 +231,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = load_config(DP2OConfig, args.config, [f"method={args.method}", *args.overrides])
         store = CandidateStore(args.store, repair=False)
         try:
-            tr = OfflineTrainer(_policy(args.policy), store, cfg, args.out)
+            tr = OfflineTrainer(_policy(args.policy, args.model_path), store, cfg, args.out)
         except ValueError as e:
             raise CLIError(str(e)) from None
         tr.train(resume=args.resume, progress=not args.quiet)
@@ -236,7 +240,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from .train.online_config import METHOD_CONFIGS
 
         cfg = load_config(METHOD_CONFIGS[args.method], args.config, args.overrides)
-        OnlineTrainer(_policy(args.policy), cfg, args.out).train(resume=args.resume, progress=not args.quiet)
+        OnlineTrainer(_policy(args.policy, args.model_path), cfg, args.out).train(resume=args.resume, progress=not args.quiet)
     print(f"aligned policy written to {Path(args.out) / 'policy'}")
     return 0
 
@@ -323,7 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     gn = sub.add_parser("generate", help="offline candidates: M seeds per LR into a candidate store (resumable)")
     gn.add_argument("--store", required=True)
-    gn.add_argument("--policy", default="tiny")
+    gn.add_argument("--policy", default="tiny", help="tiny | a policy folder | osediff / controlnet-sd / flux with --model-path")
+    gn.add_argument("--model-path", default=None, help="local diffusers model folder for --policy osediff|controlnet-sd|flux")
     gn.add_argument("--m", type=int, default=None, help="candidates per LR (default 16)")
     gn.add_argument("--steps", type=int, default=None)
     gn.add_argument("--sampler", default=None, choices=["ode", "sde", "onestep"])
@@ -337,7 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="align a policy: dp2o / dpo (offline) or gdpo / dgpo / grpo (online)")
     tr.add_argument("--method", required=True, choices=["dp2o", "dpo", "gdpo", "dgpo", "grpo"])
     tr.add_argument("--store", default=None, help="candidate store (dp2o, dpo)")
-    tr.add_argument("--policy", default="tiny")
+    tr.add_argument("--policy", default="tiny", help="tiny | a policy folder | osediff / controlnet-sd / flux with --model-path")
+    tr.add_argument("--model-path", default=None, help="local diffusers model folder for --policy osediff|controlnet-sd|flux")
     tr.add_argument("--out", required=True)
     tr.add_argument("--config", default=None, help="YAML with the method's config fields")
     tr.add_argument("--resume", action="store_true")

@@ -13,17 +13,28 @@ def load_policy(spec: str | None = None, device: str = "cpu"):
 
     if spec in (None, "", "tiny"):
         return TinyPolicy.from_pretrained(None, device=device)
+    kinds = {"osediff": "OneStepSD", "naosd": "OneStepSD", "controlnet-sd": "ControlNetSD", "flux": "FluxControlNet"}
+    kind, _, rest = str(spec).partition(":")
+    if rest and kind in kinds:
+        from . import diffusers as backends
+
+        return getattr(backends, kinds[kind]).from_pretrained(rest, device=device)
     import json
 
     folder = Path(spec)
     meta = folder / "sralign_policy.json"
-    if meta.is_file() or ((folder / "vae").is_dir() and (folder / "unet").is_dir()):
+    if meta.is_file() or ((folder / "vae").is_dir() and ((folder / "unet").is_dir() or (folder / "transformer").is_dir())):
         try:
-            from .diffusers import ControlNetSD, OneStepSD
+            from .diffusers import ControlNetSD, FluxControlNet, OneStepSD
         except ImportError as e:
             raise PolicyLoadError(f"{folder} is a diffusers model: install the extra with pip install 'sralign[diffusers]' ({e})") from None
-        kind = json.loads(meta.read_text()).get("type") if meta.is_file() else ("controlnet_sd" if (folder / "controlnet").is_dir() else "onestep_sd")
-        cls = ControlNetSD if kind == "controlnet_sd" else OneStepSD
+        if meta.is_file():
+            kind = json.loads(meta.read_text()).get("type")
+        elif (folder / "transformer").is_dir():
+            kind = "flux_controlnet"
+        else:
+            kind = "controlnet_sd" if (folder / "controlnet").is_dir() else "onestep_sd"
+        cls = {"controlnet_sd": ControlNetSD, "flux_controlnet": FluxControlNet}.get(kind, OneStepSD)
         return cls.from_pretrained(folder, device=device)
     return TinyPolicy.from_pretrained(spec, device=device)
 

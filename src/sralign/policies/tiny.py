@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 import os
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -31,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .base import SAMPLERS, Cond, Samples
+from .flow import flow_sde_step
 from .unet import CondEncoder, TinyUNet, UNetConfig
 
 DEFAULT_CHECKPOINT = "tiny_x4"
@@ -301,18 +301,8 @@ class TinyPolicy:
         With ``prev_sample`` given, scores that transition instead of drawing a new one.
         """
         eta = self.config.sde_noise_level if noise_level is None else noise_level
-        s, s_next = sigmas[i], sigmas[i + 1]
-        s_for_std = sigmas[1] if float(s) >= 1.0 else s
-        dt = s_next - s
-        std_t = torch.sqrt(s_for_std / (1 - s_for_std)) * eta
-        v = self.velocity(x, s, cond)
-        mean = x * (1 + std_t**2 / (2 * s) * dt) + v * (1 + std_t**2 * (1 - s) / (2 * s)) * dt
-        std = std_t * torch.sqrt(-dt)
-        if prev_sample is None:
-            eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            prev_sample = mean + std * eps
-        logp = -((prev_sample.detach() - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
-        return prev_sample, logp.flatten(1).mean(1), mean, std
+        v = self.velocity(x, sigmas[i], cond)
+        return flow_sde_step(x, v, sigmas, i, eta, prev_sample=prev_sample, generator=generator)
 
     def dsm(self, x0: Tensor, cond: Cond, t: Tensor, noise: Tensor, t_model: Tensor | None = None) -> Tensor:
         """Per-sample denoising loss [B] of images ``x0`` [B,3,H,W] in [0,1].

@@ -1,0 +1,219 @@
+"""FLUX ControlNet SR (DP²O-SR's C-FLUX): a flow-matching FLUX transformer steered by a FLUX
+ControlNet that sees the VAE latents of the upsampled LR; Euler ``ode`` and Flow-GRPO ``sde``
+sampling (per-step log-probs), guidance embedding, peft LoRA on the transformer (optionally on
+the ControlNet). ``reference()`` disables the adapters.
+
+Folder layout (local, ``local_files_only``): ``vae/``, ``transformer/``, ``controlnet/``;
+text conditioning comes as precomputed embeddings (``prompt_embeds.safetensors`` with
+``prompt_embeds`` [1,L,D] and ``pooled_prompt_embeds`` [1,P]) or zeros — the CLIP-L and T5-XXL
+encoders are not loaded here.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..base import Cond, Samples
+from ..flow import flow_sde_step
+from ..tiny import PolicyLoadError
+from .lora import LoraPolicyMixin, add_lora
+from .onestep_sd import CONFIG_NAME, _require
+
+
+@dataclass
+class FluxControlNetConfig:
+    scale: int = 4
+    guidance_scale: float = 2.5  # DP²O-SR C-FLUX (FLUX.1-dev's guidance embedding)
+    controlnet_scale: float = 1.0
+    sde_noise_level: float = 0.7
+    lora_rank: int = 4
+    lora_alpha: float = 4.0
+    lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    lora_on_controlnet: bool = False
+
+
+class _FluxModules(nn.Module):
+    def __init__(self, vae, transformer, controlnet):
+        super().__init__()
+        self.vae, self.unet, self.controlnet = vae, transformer, controlnet  # ``unet``: the trained backbone
+
+
+def pack(z: Tensor) -> Tensor:
+    """[B,C,H,W] latents -> [B,(H/2)(W/2),4C] 2×2 patches (FLUX's packing)."""
+    b, c, h, w = z.shape
+    return z.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack(x: Tensor, h: int, w: int) -> Tensor:
+    b, _, d = x.shape
+    c = d // 4
+    return x.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+
+def image_ids(h: int, w: int, device) -> Tensor:
+    ids = torch.zeros(h // 2, w // 2, 3)
+    ids[..., 1] = torch.arange(h // 2)[:, None]
+    ids[..., 2] = torch.arange(w // 2)[None, :]
+    return ids.reshape(-1, 3).to(device)
+
+
+class FluxControlNet(LoraPolicyMixin):
+    """Flow-matching FLUX ControlNet SR policy (samplers ``ode`` and ``sde``). The policy's space
+    is the packed latent sequence [B, tokens, 4C]."""
+
+    def __init__(self, vae, transformer, controlnet, config: FluxControlNetConfig | None = None,
+                 prompt_embeds: Tensor | None = None, pooled: Tensor | None = None, base_path: str | None = None,
+                 device: str | torch.device = "cpu"):
+        self.config = config or FluxControlNetConfig()
+        self.scale = self.config.scale
+        self.device = torch.device(device)
+        self.base_path = base_path
+        vae.requires_grad_(False).eval()
+        controlnet.requires_grad_(False)
+        add_lora(transformer, self.config.lora_rank, self.config.lora_alpha, self.config.lora_targets)
+        if self.config.lora_on_controlnet:
+            add_lora(controlnet, self.config.lora_rank, self.config.lora_alpha, self.config.lora_targets)
+        self.model = _FluxModules(vae, transformer, controlnet).to(self.device)
+        tc = transformer.config
+        self.prompt_embeds = (prompt_embeds if prompt_embeds is not None else torch.zeros(1, 1, tc.joint_attention_dim)).to(self.device)
+        self.pooled = (pooled if pooled is not None else torch.zeros(1, tc.pooled_projection_dim)).to(self.device)
+        self.vae_scale = float(getattr(vae.config, "scaling_factor", 1.0) or 1.0)
+        self.vae_shift = float(getattr(vae.config, "shift_factor", 0.0) or 0.0)
+
+    @classmethod
+    def from_pretrained(cls, path, config: FluxControlNetConfig | None = None, device: str = "cpu") -> "FluxControlNet":
+        from diffusers import AutoencoderKL, FluxControlNetModel, FluxTransformer2DModel
+
+        folder = Path(path)
+        if (folder / CONFIG_NAME).is_file():
+            meta = json.loads((folder / CONFIG_NAME).read_text())
+            pol = cls.from_pretrained(meta["base_path"], FluxControlNetConfig(**meta["config"]), device=device)
+            pol.load(folder)
+            return pol
+        if not folder.is_dir():
+            raise PolicyLoadError(f"{folder}: no such model folder")
+        for sub in ("vae", "transformer", "controlnet"):
+            _require(folder, sub, "config.json")
+        try:
+            vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True)
+            tr = FluxTransformer2DModel.from_pretrained(folder, subfolder="transformer", local_files_only=True)
+            cn = FluxControlNetModel.from_pretrained(folder, subfolder="controlnet", local_files_only=True)
+        except OSError as e:
+            raise PolicyLoadError(f"could not load weights from {folder}: {str(e).splitlines()[0]}") from None
+        pe = pooled = None
+        emb = folder / "prompt_embeds.safetensors"
+        if emb.is_file():
+            from safetensors.torch import load_file
+
+            d = load_file(str(emb))
+            pe, pooled = d["prompt_embeds"], d["pooled_prompt_embeds"]
+        return cls(vae, tr, cn, config, pe, pooled, base_path=str(folder.resolve()), device=device)
+
+    def save(self, path) -> None:
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        self._save_lora(folder)
+        (folder / CONFIG_NAME).write_text(json.dumps({"type": "flux_controlnet", "base_path": self.base_path, "config": asdict(self.config)}, indent=2))
+
+    def _lora_modules(self) -> dict[str, nn.Module]:
+        mods = {"transformer": self.model.unet}
+        if self.config.lora_on_controlnet:
+            mods["controlnet"] = self.model.controlnet
+        return mods
+
+    def to(self, device) -> "FluxControlNet":
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        self.prompt_embeds, self.pooled = self.prompt_embeds.to(self.device), self.pooled.to(self.device)
+        return self
+
+    # ------------------------------------------------------------------ latents
+    def _factor(self) -> int:
+        return 2 ** (len(self.model.vae.config.block_out_channels) - 1)
+
+    def _encode(self, img01: Tensor) -> Tensor:
+        with torch.no_grad():
+            z = self.model.vae.encode(img01 * 2 - 1).latent_dist.mode()
+        return (z - self.vae_shift) * self.vae_scale
+
+    def _decode(self, x: Tensor, h: int, w: int) -> Tensor:
+        z = unpack(x, h, w) / self.vae_scale + self.vae_shift
+        return ((self.model.vae.decode(z).sample + 1) / 2).clamp(0, 1)
+
+    def _latent_hw(self, img: Tensor) -> tuple[int, int]:
+        f = self._factor()
+        return img.shape[-2] // f, img.shape[-1] // f
+
+    # ------------------------------------------------------------------ the contract
+    def condition(self, lr: Tensor) -> Cond:
+        lr = lr.to(self.device, torch.float32)
+        lr_up = F.interpolate(lr, scale_factor=self.scale, mode="bicubic", align_corners=False).clamp(0, 1)
+        return Cond(lr=lr, lr_up=lr_up, features={"control": pack(self._encode(lr_up))})
+
+    def noise_shape(self, cond: Cond, group: int = 1) -> tuple[int, ...]:
+        b, t, d = cond.features["control"].shape
+        return (b * group, t, d)
+
+    def dsm_noise_shape(self, x0: Tensor) -> tuple[int, ...]:
+        h, w = self._latent_hw(x0)
+        return (x0.shape[0], (h // 2) * (w // 2), self.model.vae.config.latent_channels * 4)
+
+    def velocity(self, x: Tensor, sigma: Tensor, cond: Cond, h: int, w: int) -> Tensor:
+        n = x.shape[0]
+        t = sigma.reshape(-1).expand(n).to(self.device, torch.float32)
+        ids, txt_ids = image_ids(h, w, self.device), torch.zeros(self.prompt_embeds.shape[1], 3, device=self.device)
+        kw = dict(encoder_hidden_states=self.prompt_embeds.expand(n, -1, -1), pooled_projections=self.pooled.expand(n, -1),
+                  timestep=t, img_ids=ids, txt_ids=txt_ids)
+        if self.model.unet.config.guidance_embeds:
+            kw["guidance"] = torch.full((n,), self.config.guidance_scale, device=self.device)
+        blocks, single = self.model.controlnet(x, controlnet_cond=cond.features["control"],
+                                               conditioning_scale=self.config.controlnet_scale, return_dict=False, **kw)
+        return self.model.unet(x, controlnet_block_samples=blocks, controlnet_single_block_samples=single, return_dict=False, **kw)[0]
+
+    def sde_step(self, cond: Cond, x: Tensor, sigmas: Tensor, i: int, *, prev_sample: Tensor | None = None,
+                 generator: torch.Generator | None = None, noise_level: float | None = None):
+        h, w = self._latent_hw(cond.lr_up)
+        eta = self.config.sde_noise_level if noise_level is None else noise_level
+        return flow_sde_step(x, self.velocity(x, sigmas[i], cond, h, w), sigmas, i, eta, prev_sample, generator)
+
+    def sample(self, cond: Cond, noise: Tensor, *, sampler: str = "ode", steps: int = 25, return_trajectory: bool = False,
+               generator: torch.Generator | None = None, noise_level: float | None = None) -> Samples:
+        if sampler not in ("ode", "sde"):
+            raise ValueError(f"FluxControlNet samples with 'ode' or 'sde' (got {sampler!r})")
+        n = noise.shape[0]
+        if n % cond.batch_size:
+            raise ValueError(f"noise batch {n} is not a multiple of the LR batch {cond.batch_size}")
+        c = cond.repeat(n // cond.batch_size)
+        h, w = self._latent_hw(cond.lr_up)
+        sig = torch.linspace(1.0, 0.0, steps + 1, device=self.device)
+        x = noise.to(self.device, torch.float32)
+        traj = [x] if (return_trajectory or sampler == "sde") else None
+        logps = []
+        for i in range(steps):
+            if sampler == "ode":
+                x = x + (sig[i + 1] - sig[i]) * self.velocity(x, sig[i], c, h, w)
+            else:
+                x, lp, _, _ = self.sde_step(c, x, sig, i, generator=generator, noise_level=noise_level)
+                logps.append(lp)
+            if traj is not None:
+                traj.append(x)
+        return Samples(images=self._decode(x, h, w), trajectory=torch.stack(traj, 1) if traj is not None else None,
+                       log_probs=torch.stack(logps, 1) if logps else None, sigmas=sig if traj is not None else None)
+
+    def dsm(self, x0: Tensor, cond: Cond, t: Tensor, noise: Tensor, t_model: Tensor | None = None) -> Tensor:
+        """Flow-matching velocity loss per sample [B] on packed latents."""
+        n = x0.shape[0]
+        c = cond.repeat(n // cond.batch_size) if n != cond.batch_size else cond
+        h, w = self._latent_hw(x0)
+        z0 = pack(self._encode(x0.to(self.device, torch.float32)))
+        t = t.to(self.device).reshape(-1).float()
+        tm = t if t_model is None else t_model.to(self.device).reshape(-1).expand_as(t).float()
+        eps = noise.to(self.device, torch.float32)
+        x_t = (1 - t)[:, None, None] * z0 + t[:, None, None] * eps
+        return ((self.velocity(x_t, tm, c, h, w) - (eps - z0)) ** 2).flatten(1).mean(1)

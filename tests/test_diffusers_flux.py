@@ -1,0 +1,103 @@
+"""FluxControlNet on tiny random-config diffusers models built in the test (no downloads)."""
+
+import pytest
+import torch
+
+from sralign.data.store import CandidateStore
+from sralign.policies.diffusers.flux_controlnet import FluxControlNet, pack, unpack
+from sralign.train.candidates import GenerateConfig, LRSetConfig, generate, score_store
+from sralign.train.offline import OfflineTrainer
+from sralign.train.offline_config import DP2OConfig
+from sralign.train.online import OnlineTrainer
+from sralign.train.online_config import DGPOConfig, GRPOConfig
+
+TINY = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+            joint_attention_dim=16, pooled_projection_dim=8, guidance_embeds=True, axes_dims_rope=[2, 2, 4])
+
+
+@pytest.fixture(scope="module")
+def flux_folder(tmp_path_factory):
+    from diffusers import AutoencoderKL, FluxControlNetModel, FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                        norm_num_groups=8, layers_per_block=1, sample_size=32)
+    tr = FluxTransformer2DModel(**TINY)
+    cn = FluxControlNetModel(**dict(TINY, num_single_layers=0))
+    with torch.no_grad():  # zero-initialised ControlNet outputs would hide the control path
+        for p in cn.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    d = tmp_path_factory.mktemp("flux") / "tiny-flux"
+    vae.save_pretrained(d / "vae")
+    tr.save_pretrained(d / "transformer")
+    cn.save_pretrained(d / "controlnet")
+    return d
+
+
+def test_pack_roundtrip():
+    z = torch.randn(2, 4, 6, 8)
+    assert torch.equal(unpack(pack(z), 6, 8), z)
+
+
+def test_samplers_reference_and_lora(flux_folder, tmp_path):
+    pol = FluxControlNet.from_pretrained(flux_folder)
+    cond = pol.condition(torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0)))
+    n1 = torch.randn(pol.noise_shape(cond, 2), generator=torch.Generator().manual_seed(1))
+    n2 = torch.randn(pol.noise_shape(cond, 2), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        a = pol.sample(cond, n1, steps=3).images
+        b = pol.sample(cond, n2, steps=3).images
+        s = pol.sample(cond, n1, sampler="sde", steps=3, generator=torch.Generator().manual_seed(0))
+        c2 = cond.repeat(2)
+        for i in range(3):
+            _, lp, _, _ = pol.sde_step(c2, s.trajectory[:, i], s.sigmas, i, prev_sample=s.trajectory[:, i + 1])
+            assert torch.allclose(lp, s.log_probs[:, i], atol=1e-4)
+        for p in pol.trainable_parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        moved = pol.sample(cond, n1, steps=3).images
+        with pol.reference():
+            ref = pol.sample(cond, n1, steps=3).images
+    assert a.shape == (2, 3, 32, 32) and s.log_probs.shape == (2, 3)
+    assert (a - b).abs().mean() > 1e-4
+    assert torch.equal(ref, a) and not torch.allclose(moved, a)
+    x0 = torch.rand(2, 3, 32, 32)
+    d = pol.dsm(x0, cond, torch.tensor([0.3, 0.7]), torch.randn(pol.dsm_noise_shape(x0)))
+    d.sum().backward()
+    for nme, p in pol.model.named_parameters():
+        assert (p.grad is not None) == ("lora" in nme and nme.startswith("unet.")), nme
+    pol.save(tmp_path / "a")
+    q = FluxControlNet.from_pretrained(tmp_path / "a")
+    sa, sb = pol._lora_state(), q._lora_state()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("method", ["dgpo", "grpo", "dp2o", "dpo"])
+def test_one_step_of_each_method_changes_only_lora(flux_folder, tmp_path, method):
+    pol = FluxControlNet.from_pretrained(flux_folder)
+    before = {n: p.detach().clone() for n, p in pol.model.named_parameters()}
+    common = dict(steps_total=1, batch_lr=1, group=3, steps=2, rollout_from="policy", fr_metrics=["psnr"], nr_metrics=["sharpness"], lr=1e-2)
+    if method in ("dgpo", "grpo"):
+        cfg = DGPOConfig(**common) if method == "dgpo" else GRPOConfig(**common, clip_range=0.2)
+        cfg.lr_set = LRSetConfig(n=2, patch=32)
+        OnlineTrainer(pol, cfg, tmp_path / method).train(progress=False)
+    else:
+        st = CandidateStore(tmp_path / "store")
+        generate(st, pol, GenerateConfig(m=4, steps=2, lr_set=LRSetConfig(n=2, patch=32)), progress=False)
+        score_store(st, ["psnr", "sharpness"], progress=False)
+        cfg = DP2OConfig(method=method, steps=1, batch_pairs=2, n=1, fr_metrics=["psnr"], nr_metrics=["sharpness"], lr=1e-2)
+        OfflineTrainer(pol, st, cfg, tmp_path / "run").train(progress=False)
+    after = dict(pol.model.named_parameters())
+    changed = {n for n in before if not torch.equal(before[n], after[n].detach())}
+    assert changed and all("lora" in n for n in changed)
+
+
+def test_cli_train_with_model_path(flux_folder, tmp_path):
+    from sralign.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--method", "dgpo", "--policy", "flux", "--model-path", str(flux_folder), "--out", str(out), "--quiet",
+                 "steps_total=1", "batch_lr=1", "group=2", "steps=2", "rollout_from=policy", "lr_set.n=2", "lr_set.patch=32"]) == 0
+    from sralign.policies import load_policy
+
+    assert isinstance(load_policy(str(out / "policy")), FluxControlNet)
