@@ -19,8 +19,6 @@ def cmd_sr(args: argparse.Namespace) -> int:
     from .colorfix import COLOR_FIXES
     from .data.images import IMAGE_EXTENSIONS, ImageError, load_image, save_image
     from .inference import super_resolve
-    from .policies import PolicyLoadError, load_policy
-
     src = Path(args.input)
     if not src.exists():
         raise CLIError(f"{src}: no such file or folder")
@@ -38,10 +36,7 @@ def cmd_sr(args: argparse.Namespace) -> int:
             targets = [(src, out)]
         else:
             targets = [(src, out / (src.stem + ".png"))]
-    try:
-        policy = load_policy(args.policy)
-    except PolicyLoadError as e:
-        raise CLIError(str(e)) from None
+    policy = _policy(args.policy, args.model_path)
     policy.model.eval()
     if args.start is not None:
         policy.config.ode_start = args.start
@@ -295,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sr", help="super-resolve an image or a folder of images")
     s.add_argument("input", help="an image file or a folder")
     s.add_argument("output", help="output PNG (for one input file) or folder")
-    s.add_argument("--policy", default="tiny", help="'tiny' (shipped) or a checkpoint folder")
+    s.add_argument("--policy", default="tiny", help="'tiny' (shipped), a checkpoint folder, or osediff / controlnet-sd / flux with --model-path")
+    s.add_argument("--model-path", default=None, help="local diffusers model folder")
     s.add_argument("--sampler", default="ode", choices=["ode", "sde", "onestep"])
     s.add_argument("--steps", type=int, default=20)
     s.add_argument("--seed", type=int, default=0)
