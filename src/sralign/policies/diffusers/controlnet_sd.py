@@ -10,9 +10,8 @@ initialised from the UNet, as DP²O-SR does), optional ``scheduler/``, optional
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,9 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..base import Cond, Samples
-from ..tiny import PolicyLoadError
+from .loading import check_model_folder, encode_prompts, load_component, load_ddpm_scheduler
 from .lora import LoraPolicyMixin, add_lora
-from .onestep_sd import CONFIG_NAME, _require
 
 
 @dataclass
@@ -47,6 +45,8 @@ class _CNModules(nn.Module):
 class ControlNetSD(LoraPolicyMixin):
     """Multi-step ControlNet SR policy (implements ``SRPolicy``; samplers ``ode`` and ``sde``)."""
 
+    kind = "controlnet_sd"
+
     def __init__(self, vae, unet, controlnet, scheduler, config: ControlNetSDConfig | None = None,
                  prompt_embeds: Tensor | None = None, negative_embeds: Tensor | None = None,
                  base_path: str | None = None, device: str | torch.device = "cpu"):
@@ -68,48 +68,22 @@ class ControlNetSD(LoraPolicyMixin):
 
     @classmethod
     def from_pretrained(cls, path, config: ControlNetSDConfig | None = None, device: str = "cpu") -> "ControlNetSD":
-        from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
+        from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 
         folder = Path(path)
-        if (folder / CONFIG_NAME).is_file():
-            meta = json.loads((folder / CONFIG_NAME).read_text())
-            pol = cls.from_pretrained(meta["base_path"], ControlNetSDConfig(**meta["config"]), device=device)
-            pol.load(folder)
-            return pol
-        if not folder.is_dir():
-            raise PolicyLoadError(f"{folder}: no such model folder")
-        for sub in ("vae", "unet"):
-            _require(folder, sub, "config.json")
-        try:
-            vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True)
-            unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True)
-            if (folder / "controlnet" / "config.json").is_file():
-                cn = ControlNetModel.from_pretrained(folder, subfolder="controlnet", local_files_only=True)
-            else:
-                cn = ControlNetModel.from_unet(unet)
-        except OSError as e:
-            raise PolicyLoadError(f"could not load weights from {folder}: {str(e).splitlines()[0]}") from None
-        if (folder / "scheduler" / "scheduler_config.json").is_file():
-            sched = DDPMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
+        saved = cls._from_saved(folder, ControlNetSDConfig, device)
+        if saved is not None:
+            return saved
+        check_model_folder(folder, ("vae", "unet"))
+        vae = load_component(AutoencoderKL, folder, "vae")
+        unet = load_component(UNet2DConditionModel, folder, "unet")
+        if (folder / "controlnet" / "config.json").is_file():
+            cn = load_component(ControlNetModel, folder, "controlnet")
         else:
-            sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+            cn = ControlNetModel.from_unet(unet)  # DP²O-SR initialises the ControlNet from the UNet
         cfg = config or ControlNetSDConfig()
-        pe = ne = None
-        if (folder / "text_encoder").is_dir() and (folder / "tokenizer").is_dir():
-            from transformers import CLIPTextModel, CLIPTokenizer
-
-            tok = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True)
-            enc = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", local_files_only=True)
-            with torch.no_grad():
-                pe, ne = (enc(tok([p], padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids)[0]
-                          for p in (cfg.prompt, cfg.negative_prompt))
-        return cls(vae, unet, cn, sched, cfg, pe, ne, base_path=str(folder.resolve()), device=device)
-
-    def save(self, path) -> None:
-        folder = Path(path)
-        folder.mkdir(parents=True, exist_ok=True)
-        self._save_lora(folder)
-        (folder / CONFIG_NAME).write_text(json.dumps({"type": "controlnet_sd", "base_path": self.base_path, "config": asdict(self.config)}, indent=2))
+        embeds = encode_prompts(folder, [cfg.prompt, cfg.negative_prompt]) or [None, None]
+        return cls(vae, unet, cn, load_ddpm_scheduler(folder), cfg, embeds[0], embeds[1], base_path=str(folder.resolve()), device=device)
 
     def _lora_modules(self) -> dict[str, nn.Module]:
         mods = {"unet": self.model.unet}

@@ -11,8 +11,7 @@ encoders are not loaded here.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,9 +20,8 @@ from torch import Tensor, nn
 
 from ..base import Cond, Samples
 from ..flow import flow_sde_step
-from ..tiny import PolicyLoadError
+from .loading import check_model_folder, load_component
 from .lora import LoraPolicyMixin, add_lora
-from .onestep_sd import CONFIG_NAME, _require
 
 
 @dataclass
@@ -67,6 +65,8 @@ class FluxControlNet(LoraPolicyMixin):
     """Flow-matching FLUX ControlNet SR policy (samplers ``ode`` and ``sde``). The policy's space
     is the packed latent sequence [B, tokens, 4C]."""
 
+    kind = "flux_controlnet"
+
     def __init__(self, vae, transformer, controlnet, config: FluxControlNetConfig | None = None,
                  prompt_embeds: Tensor | None = None, pooled: Tensor | None = None, base_path: str | None = None,
                  device: str | torch.device = "cpu"):
@@ -91,21 +91,13 @@ class FluxControlNet(LoraPolicyMixin):
         from diffusers import AutoencoderKL, FluxControlNetModel, FluxTransformer2DModel
 
         folder = Path(path)
-        if (folder / CONFIG_NAME).is_file():
-            meta = json.loads((folder / CONFIG_NAME).read_text())
-            pol = cls.from_pretrained(meta["base_path"], FluxControlNetConfig(**meta["config"]), device=device)
-            pol.load(folder)
-            return pol
-        if not folder.is_dir():
-            raise PolicyLoadError(f"{folder}: no such model folder")
-        for sub in ("vae", "transformer", "controlnet"):
-            _require(folder, sub, "config.json")
-        try:
-            vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True)
-            tr = FluxTransformer2DModel.from_pretrained(folder, subfolder="transformer", local_files_only=True)
-            cn = FluxControlNetModel.from_pretrained(folder, subfolder="controlnet", local_files_only=True)
-        except OSError as e:
-            raise PolicyLoadError(f"could not load weights from {folder}: {str(e).splitlines()[0]}") from None
+        saved = cls._from_saved(folder, FluxControlNetConfig, device)
+        if saved is not None:
+            return saved
+        check_model_folder(folder, ("vae", "transformer", "controlnet"))
+        vae = load_component(AutoencoderKL, folder, "vae")
+        tr = load_component(FluxTransformer2DModel, folder, "transformer")
+        cn = load_component(FluxControlNetModel, folder, "controlnet")
         pe = pooled = None
         emb = folder / "prompt_embeds.safetensors"
         if emb.is_file():
@@ -114,12 +106,6 @@ class FluxControlNet(LoraPolicyMixin):
             d = load_file(str(emb))
             pe, pooled = d["prompt_embeds"], d["pooled_prompt_embeds"]
         return cls(vae, tr, cn, config, pe, pooled, base_path=str(folder.resolve()), device=device)
-
-    def save(self, path) -> None:
-        folder = Path(path)
-        folder.mkdir(parents=True, exist_ok=True)
-        self._save_lora(folder)
-        (folder / CONFIG_NAME).write_text(json.dumps({"type": "flux_controlnet", "base_path": self.base_path, "config": asdict(self.config)}, indent=2))
 
     def _lora_modules(self) -> dict[str, nn.Module]:
         mods = {"transformer": self.model.unet}

@@ -23,7 +23,35 @@ def add_lora(module: nn.Module, rank: int, alpha: float, targets: list[str]) -> 
 
 
 class LoraPolicyMixin:
-    """Needs ``self._lora_modules() -> dict[name, diffusers model with a peft adapter]``."""
+    """Needs ``self._lora_modules() -> dict[name, diffusers model with a peft adapter]``,
+    ``self.config`` (a dataclass), ``self.base_path`` and a class attribute ``kind``."""
+
+    kind = ""
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the LoRA weights and a config that points at the base model folder."""
+        import json
+        from dataclasses import asdict
+
+        from .loading import CONFIG_NAME
+
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        self._save_lora(folder)
+        meta = {"type": self.kind, "base_path": self.base_path, "config": asdict(self.config)}
+        (folder / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
+
+    @classmethod
+    def _from_saved(cls, folder: Path, config_cls, device):
+        """A policy from a folder written by ``save`` (base model + LoRA), or None."""
+        from .loading import saved_policy_meta
+
+        meta = saved_policy_meta(folder)
+        if meta is None:
+            return None
+        pol = cls.from_pretrained(meta["base_path"], config_cls(**meta["config"]), device=device)
+        pol.load(folder)
+        return pol
 
     def _lora_modules(self) -> dict[str, nn.Module]:
         raise NotImplementedError

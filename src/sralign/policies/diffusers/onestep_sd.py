@@ -11,9 +11,8 @@ Weights load from a local diffusers folder (``vae/``, ``unet/``, optional ``sche
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,10 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..base import Cond, Samples
-from ..tiny import PolicyLoadError
+from .loading import check_model_folder, encode_prompts, load_component, load_ddpm_scheduler
 from .lora import LoraPolicyMixin, add_lora
-
-CONFIG_NAME = "sralign_policy.json"
 
 
 @dataclass
@@ -44,14 +41,10 @@ class _SDModules(nn.Module):
         self.vae, self.unet = vae, unet
 
 
-def _require(folder: Path, sub: str, file: str) -> None:
-    if not (folder / sub / file).is_file():
-        raise PolicyLoadError(f"missing {sub}/{file} in {folder}: a diffusers model folder needs vae/ and unet/ "
-                              f"(config.json + diffusion_pytorch_model.safetensors each)")
-
-
 class OneStepSD(LoraPolicyMixin):
     """One-step SD SR policy (implements ``SRPolicy``; sampler ``onestep`` only)."""
+
+    kind = "onestep_sd"
 
     def __init__(self, vae, unet, scheduler, config: OneStepSDConfig | None = None, prompt_embeds: Tensor | None = None,
                  base_path: str | None = None, device: str | torch.device = "cpu"):
@@ -74,45 +67,18 @@ class OneStepSD(LoraPolicyMixin):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, config: OneStepSDConfig | None = None, device: str = "cpu") -> "OneStepSD":
         """Load a diffusers folder (base model) or an sralign folder written by ``save`` (base path + LoRA)."""
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from diffusers import AutoencoderKL, UNet2DConditionModel
 
         folder = Path(path)
-        if (folder / CONFIG_NAME).is_file():
-            meta = json.loads((folder / CONFIG_NAME).read_text())
-            pol = cls.from_pretrained(meta["base_path"], OneStepSDConfig(**meta["config"]), device=device)
-            pol.load(folder)
-            return pol
-        if not folder.is_dir():
-            raise PolicyLoadError(f"{folder}: no such model folder")
-        for sub in ("vae", "unet"):
-            _require(folder, sub, "config.json")
-        try:
-            vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True)
-            unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True)
-        except OSError as e:
-            raise PolicyLoadError(f"could not load weights from {folder}: {str(e).splitlines()[0]}") from None
-        if (folder / "scheduler" / "scheduler_config.json").is_file():
-            sched = DDPMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
-        else:
-            sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+        saved = cls._from_saved(folder, OneStepSDConfig, device)
+        if saved is not None:
+            return saved
+        check_model_folder(folder, ("vae", "unet"))
+        vae = load_component(AutoencoderKL, folder, "vae")
+        unet = load_component(UNet2DConditionModel, folder, "unet")
         cfg = config or OneStepSDConfig()
-        embeds = None
-        if (folder / "text_encoder").is_dir() and (folder / "tokenizer").is_dir():
-            from transformers import CLIPTextModel, CLIPTokenizer
-
-            tok = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True)
-            enc = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", local_files_only=True)
-            ids = tok([cfg.prompt], padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
-            with torch.no_grad():
-                embeds = enc(ids)[0]
-        return cls(vae, unet, sched, cfg, embeds, base_path=str(folder.resolve()), device=device)
-
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the LoRA weights and a config that points at the base model folder."""
-        folder = Path(path)
-        folder.mkdir(parents=True, exist_ok=True)
-        self._save_lora(folder)
-        (folder / CONFIG_NAME).write_text(json.dumps({"type": "onestep_sd", "base_path": self.base_path, "config": asdict(self.config)}, indent=2))
+        embeds = encode_prompts(folder, [cfg.prompt])
+        return cls(vae, unet, load_ddpm_scheduler(folder), cfg, embeds[0] if embeds else None, base_path=str(folder.resolve()), device=device)
 
     # ------------------------------------------------------------------ training helpers
     def _lora_modules(self) -> dict[str, nn.Module]:
