@@ -3,27 +3,16 @@
 import pytest
 import torch
 
-from sralign.data.store import CandidateStore
+from diffusers_helpers import assert_only_lora_changed, snapshot, tiny_sd_unet, tiny_vae, train_one_step
 from sralign.policies.diffusers import ControlNetSD
-from sralign.train.candidates import GenerateConfig, LRSetConfig, generate, score_store
-from sralign.train.offline import OfflineTrainer
-from sralign.train.offline_config import DP2OConfig
-from sralign.train.online import OnlineTrainer
-from sralign.train.online_config import DGPOConfig, GRPOConfig
 
 
 @pytest.fixture(scope="module")
 def cn_folder(tmp_path_factory):
-    from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+    from diffusers import ControlNetModel
 
     torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
-                        norm_num_groups=8, layers_per_block=1, sample_size=32)
-    unet = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(16, 32),
-                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
-                                attention_head_dim=4, norm_num_groups=8)
+    vae, unet = tiny_vae(), tiny_sd_unet()
     cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16))
     with torch.no_grad():  # a ControlNet fresh from the UNet has zero output convs: give it a voice
         for p in cn.parameters():
@@ -88,28 +77,12 @@ def test_cfg_changes_output_and_lora_save_load(cn_folder, tmp_path):
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def _changed_only_lora(pol, before):
-    after = dict(pol.model.named_parameters())
-    changed = {n for n in before if not torch.equal(before[n], after[n].detach())}
-    assert changed and all("lora" in n for n in changed)
-
-
 @pytest.mark.parametrize("method", ["dgpo", "grpo", "dp2o", "dpo"])
 def test_one_step_of_each_method_changes_only_lora(cn_folder, tmp_path, method):
     pol = ControlNetSD.from_pretrained(cn_folder)
-    before = {n: p.detach().clone() for n, p in pol.model.named_parameters()}
-    common = dict(steps_total=1, batch_lr=1, group=3, steps=2, rollout_from="policy", fr_metrics=["psnr"], nr_metrics=["sharpness"], lr=1e-2)
-    if method in ("dgpo", "grpo"):
-        cfg = DGPOConfig(**common) if method == "dgpo" else GRPOConfig(**common, clip_range=0.2)
-        cfg.lr_set = LRSetConfig(n=2, patch=32)
-        OnlineTrainer(pol, cfg, tmp_path / method).train(progress=False)
-    else:
-        st = CandidateStore(tmp_path / "store")
-        generate(st, pol, GenerateConfig(m=4, steps=2, lr_set=LRSetConfig(n=2, patch=32)), progress=False)
-        score_store(st, ["psnr", "sharpness"], progress=False)
-        cfg = DP2OConfig(method=method, steps=1, batch_pairs=2, n=1, fr_metrics=["psnr"], nr_metrics=["sharpness"], lr=1e-2)
-        OfflineTrainer(pol, st, cfg, tmp_path / "run").train(progress=False)
-    _changed_only_lora(pol, before)
+    before = snapshot(pol)
+    train_one_step(pol, method, tmp_path)
+    assert_only_lora_changed(pol, before)
 
 
 def test_load_policy_detects_controlnet_folders(cn_folder, tmp_path):

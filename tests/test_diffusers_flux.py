@@ -3,13 +3,8 @@
 import pytest
 import torch
 
-from sralign.data.store import CandidateStore
+from diffusers_helpers import assert_only_lora_changed, snapshot, tiny_vae, train_one_step
 from sralign.policies.diffusers.flux_controlnet import FluxControlNet, pack, unpack
-from sralign.train.candidates import GenerateConfig, LRSetConfig, generate, score_store
-from sralign.train.offline import OfflineTrainer
-from sralign.train.offline_config import DP2OConfig
-from sralign.train.online import OnlineTrainer
-from sralign.train.online_config import DGPOConfig, GRPOConfig
 
 TINY = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
             joint_attention_dim=16, pooled_projection_dim=8, guidance_embeds=True, axes_dims_rope=[2, 2, 4])
@@ -17,12 +12,10 @@ TINY = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, att
 
 @pytest.fixture(scope="module")
 def flux_folder(tmp_path_factory):
-    from diffusers import AutoencoderKL, FluxControlNetModel, FluxTransformer2DModel
+    from diffusers import FluxControlNetModel, FluxTransformer2DModel
 
     torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
-                        norm_num_groups=8, layers_per_block=1, sample_size=32)
+    vae = tiny_vae()
     tr = FluxTransformer2DModel(**TINY)
     cn = FluxControlNetModel(**dict(TINY, num_single_layers=0))
     with torch.no_grad():  # zero-initialised ControlNet outputs would hide the control path
@@ -75,21 +68,9 @@ def test_samplers_reference_and_lora(flux_folder, tmp_path):
 @pytest.mark.parametrize("method", ["dgpo", "grpo", "dp2o", "dpo"])
 def test_one_step_of_each_method_changes_only_lora(flux_folder, tmp_path, method):
     pol = FluxControlNet.from_pretrained(flux_folder)
-    before = {n: p.detach().clone() for n, p in pol.model.named_parameters()}
-    common = dict(steps_total=1, batch_lr=1, group=3, steps=2, rollout_from="policy", fr_metrics=["psnr"], nr_metrics=["sharpness"], lr=1e-2)
-    if method in ("dgpo", "grpo"):
-        cfg = DGPOConfig(**common) if method == "dgpo" else GRPOConfig(**common, clip_range=0.2)
-        cfg.lr_set = LRSetConfig(n=2, patch=32)
-        OnlineTrainer(pol, cfg, tmp_path / method).train(progress=False)
-    else:
-        st = CandidateStore(tmp_path / "store")
-        generate(st, pol, GenerateConfig(m=4, steps=2, lr_set=LRSetConfig(n=2, patch=32)), progress=False)
-        score_store(st, ["psnr", "sharpness"], progress=False)
-        cfg = DP2OConfig(method=method, steps=1, batch_pairs=2, n=1, fr_metrics=["psnr"], nr_metrics=["sharpness"], lr=1e-2)
-        OfflineTrainer(pol, st, cfg, tmp_path / "run").train(progress=False)
-    after = dict(pol.model.named_parameters())
-    changed = {n for n in before if not torch.equal(before[n], after[n].detach())}
-    assert changed and all("lora" in n for n in changed)
+    before = snapshot(pol)
+    train_one_step(pol, method, tmp_path)
+    assert_only_lora_changed(pol, before)
 
 
 def test_cli_train_with_model_path(flux_folder, tmp_path):

@@ -3,28 +3,15 @@
 import pytest
 import torch
 
-from sralign.data.store import CandidateStore
+from diffusers_helpers import assert_only_lora_changed, snapshot, tiny_sd_unet, tiny_vae, train_one_step
 from sralign.policies.diffusers import OneStepSD
 from sralign.policies.tiny import PolicyLoadError
-from sralign.train.candidates import GenerateConfig, LRSetConfig, generate, score_store
-from sralign.train.offline import OfflineTrainer
-from sralign.train.offline_config import DP2OConfig
-from sralign.train.online import OnlineTrainer
-from sralign.train.online_config import DGPOConfig, GDPOConfig
 
 
 @pytest.fixture(scope="module")
 def sd_folder(tmp_path_factory):
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-
     torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
-                        norm_num_groups=8, layers_per_block=1, sample_size=32)
-    unet = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(16, 32),
-                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
-                                attention_head_dim=4, norm_num_groups=8)
+    vae, unet = tiny_vae(), tiny_sd_unet()
     d = tmp_path_factory.mktemp("sd") / "tiny-sd"
     vae.save_pretrained(d / "vae")
     unet.save_pretrained(d / "unet")
@@ -86,38 +73,13 @@ def test_missing_files_are_named(tmp_path):
         OneStepSD.from_pretrained(tmp_path / "m")
 
 
-def _only_lora_changed(pol, before):
-    after = dict(pol.model.unet.named_parameters())
-    changed = {n for n in before if not torch.equal(before[n], after[n].detach())}
-    assert changed and all("lora" in n for n in changed)
-    for n, p in pol.model.vae.named_parameters():
-        assert not p.requires_grad
-
-
-@pytest.mark.parametrize("method", ["gdpo", "dgpo"])
-def test_online_step_changes_only_lora(sd_folder, tmp_path, method):
+@pytest.mark.parametrize("method", ["gdpo", "dgpo", "dp2o", "dpo"])
+def test_one_step_of_each_method_changes_only_lora(sd_folder, tmp_path, method):
     pol = OneStepSD.from_pretrained(sd_folder)
-    before = {n: p.detach().clone() for n, p in pol.model.unet.named_parameters()}
-    if method == "gdpo":
-        cfg = GDPOConfig(steps_total=1, batch_lr=1, group=3, reward="hybrid", fr_metrics=["psnr"], nr_metrics=["sharpness"], lr=1e-2)
-    else:
-        cfg = DGPOConfig(steps_total=1, batch_lr=1, group=3, sampler="onestep", steps=1, rollout_from="policy", fr_metrics=["psnr"], nr_metrics=["sharpness"], lr=1e-2)
-    cfg.lr_set = LRSetConfig(n=2, patch=32)
-    OnlineTrainer(pol, cfg, tmp_path / method).train(progress=False)
-    _only_lora_changed(pol, before)
-
-
-@pytest.mark.parametrize("method", ["dp2o", "dpo"])
-def test_offline_step_changes_only_lora(sd_folder, tmp_path, method):
-    pol = OneStepSD.from_pretrained(sd_folder)
-    st = CandidateStore(tmp_path / "store")
-    generate(st, pol, GenerateConfig(m=4, sampler="onestep", steps=1, lr_set=LRSetConfig(n=2, patch=32)), progress=False)
-    score_store(st, ["psnr", "sharpness"], progress=False)
-    before = {n: p.detach().clone() for n, p in pol.model.unet.named_parameters()}
-    cfg = DP2OConfig(method=method, steps=1, batch_pairs=2, n=1, fr_metrics=["psnr"], nr_metrics=["sharpness"], lr=1e-2)
-    OfflineTrainer(pol, st, cfg, tmp_path / "run").train(progress=False)
-    _only_lora_changed(pol, before)
-    assert (tmp_path / "run" / "policy" / "lora.safetensors").is_file()
+    before = snapshot(pol)
+    train_one_step(pol, method, tmp_path, sampler="onestep", steps=1)
+    assert_only_lora_changed(pol, before)
+    assert all(not p.requires_grad for p in pol.model.vae.parameters())
 
 
 def test_load_policy_detects_diffusers_folders(sd_folder, tmp_path):

@@ -1,0 +1,59 @@
+"""Shared pieces of the diffusers backend tests: tiny random models and one training step."""
+
+import torch
+
+from sralign.data.store import CandidateStore
+from sralign.train.candidates import GenerateConfig, LRSetConfig, generate, score_store
+from sralign.train.offline import OfflineTrainer
+from sralign.train.offline_config import DP2OConfig
+from sralign.train.online import OnlineTrainer
+from sralign.train.online_config import DGPOConfig, GDPOConfig, GRPOConfig
+
+METRICS = dict(fr_metrics=["psnr"], nr_metrics=["sharpness"], lr=1e-2)
+
+
+def tiny_vae(latent_channels: int = 4):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=latent_channels,
+                         norm_num_groups=8, layers_per_block=1, sample_size=32)
+
+
+def tiny_sd_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(16, 32),
+                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
+                                attention_head_dim=4, norm_num_groups=8)
+
+
+def train_one_step(pol, method: str, tmp_path, sampler: str = "ode", steps: int = 2) -> None:
+    """One optimiser step of ``method`` on ``pol`` with tiny data (online or offline)."""
+    if method in ("gdpo", "dgpo", "grpo"):
+        common = dict(steps_total=1, batch_lr=1, group=3, rollout_from="policy", **METRICS)
+        if method == "gdpo":
+            cfg = GDPOConfig(reward="hybrid", **common)
+        elif method == "dgpo":
+            cfg = DGPOConfig(sampler=sampler, steps=steps, **common)
+        else:
+            cfg = GRPOConfig(steps=steps, clip_range=0.2, **common)
+        cfg.lr_set = LRSetConfig(n=2, patch=32)
+        OnlineTrainer(pol, cfg, tmp_path / method).train(progress=False)
+    else:
+        st = CandidateStore(tmp_path / "store")
+        generate(st, pol, GenerateConfig(m=4, sampler=sampler, steps=steps, lr_set=LRSetConfig(n=2, patch=32)), progress=False)
+        score_store(st, ["psnr", "sharpness"], progress=False)
+        cfg = DP2OConfig(method=method, steps=1, batch_pairs=2, n=1, **METRICS)
+        OfflineTrainer(pol, st, cfg, tmp_path / "run").train(progress=False)
+
+
+def snapshot(pol) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in pol.model.named_parameters()}
+
+
+def assert_only_lora_changed(pol, before) -> None:
+    after = dict(pol.model.named_parameters())
+    changed = {n for n in before if not torch.equal(before[n], after[n].detach())}
+    assert changed and all("lora" in n for n in changed), sorted(changed)[:5]
