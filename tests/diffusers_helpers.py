@@ -57,3 +57,11 @@ def assert_only_lora_changed(pol, before) -> None:
     after = dict(pol.model.named_parameters())
     changed = {n for n in before if not torch.equal(before[n], after[n].detach())}
     assert changed and all("lora" in n for n in changed), sorted(changed)[:5]
+
+
+def assert_lora_roundtrip(pol, cls, folder) -> None:
+    """save -> from_pretrained gives the same LoRA weights."""
+    pol.save(folder)
+    q = cls.from_pretrained(folder)
+    sa, sb = pol._lora_state(), q._lora_state()
+    assert sa and sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from diffusers_helpers import assert_only_lora_changed, snapshot, tiny_sd_unet, tiny_vae, train_one_step
+from diffusers_helpers import assert_lora_roundtrip, assert_only_lora_changed, snapshot, tiny_sd_unet, tiny_vae, train_one_step
 from sralign.policies.diffusers import ControlNetSD
 
 
@@ -71,10 +71,7 @@ def test_cfg_changes_output_and_lora_save_load(cn_folder, tmp_path):
     d.sum().backward()
     assert all(("lora" in nme) == (p.grad is not None) for nme, p in pol.model.named_parameters() if p.requires_grad)
     assert all(p.grad is None for nme, p in pol.model.named_parameters() if "lora" not in nme)
-    pol.save(tmp_path / "a")
-    q = ControlNetSD.from_pretrained(tmp_path / "a")
-    sa, sb = pol._lora_state(), q._lora_state()
-    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert_lora_roundtrip(pol, ControlNetSD, tmp_path / "a")
 
 
 @pytest.mark.parametrize("method", ["dgpo", "grpo", "dp2o", "dpo"])

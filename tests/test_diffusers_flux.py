@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from diffusers_helpers import assert_only_lora_changed, snapshot, tiny_vae, train_one_step
+from diffusers_helpers import assert_lora_roundtrip, assert_only_lora_changed, snapshot, tiny_vae, train_one_step
 from sralign.policies.diffusers.flux_controlnet import FluxControlNet, pack, unpack
 
 TINY = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
@@ -59,10 +59,7 @@ def test_samplers_reference_and_lora(flux_folder, tmp_path):
     d.sum().backward()
     for nme, p in pol.model.named_parameters():
         assert (p.grad is not None) == ("lora" in nme and nme.startswith("unet.")), nme
-    pol.save(tmp_path / "a")
-    q = FluxControlNet.from_pretrained(tmp_path / "a")
-    sa, sb = pol._lora_state(), q._lora_state()
-    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert_lora_roundtrip(pol, FluxControlNet, tmp_path / "a")
 
 
 @pytest.mark.parametrize("method", ["dgpo", "grpo", "dp2o", "dpo"])

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from diffusers_helpers import assert_only_lora_changed, snapshot, tiny_sd_unet, tiny_vae, train_one_step
+from diffusers_helpers import assert_lora_roundtrip, assert_only_lora_changed, snapshot, tiny_sd_unet, tiny_vae, train_one_step
 from sralign.policies.diffusers import OneStepSD
 from sralign.policies.tiny import PolicyLoadError
 
@@ -61,10 +61,7 @@ def test_dsm_grads_reach_lora_only_and_save_load(sd_folder, tmp_path):
     with torch.no_grad():
         for p in pol.trainable_parameters():
             p.add_(0.05)
-    pol.save(tmp_path / "aligned")
-    q = OneStepSD.from_pretrained(tmp_path / "aligned")
-    sa, sb = pol._lora_state(), q._lora_state()
-    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert_lora_roundtrip(pol, OneStepSD, tmp_path / "aligned")
 
 
 def test_missing_files_are_named(tmp_path):
