@@ -111,9 +111,6 @@ def run_demo(out: str | Path, quick: bool = False, progress: bool = True, config
     summary = {"timing_s": timing, "peak_rss_mb": round(peak_rss_mb(), 1), "report": str(out / "report.html"),
                "table": format_table(result)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    # re-write the report with the final timing
-    run_eval_meta = {"timing_s": timing, "peak_rss_mb": summary["peak_rss_mb"]}
-    (out / "run_meta.json").write_text(json.dumps(run_eval_meta))
     if progress:
         print()
         print(summary["table"])
