@@ -198,7 +198,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .config import load_config
     from .data.store import CandidateStore
     from .train.candidates import GenerateConfig, generate
-    from .train.distributed import rank_world
+    from .train.distributed import barrier, init_if_needed, rank_world
 
     ov = list(args.overrides)
     for flag, key in (("m", "m"), ("steps", "steps"), ("sampler", "sampler"), ("n_lr", "lr_set.n"), ("seed", "seed")):
@@ -207,7 +207,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
             ov.append(f"{key}={v}")
     cfg = load_config(GenerateConfig, args.config, ov)
     rank, _ = rank_world()
-    store = CandidateStore(args.store, repair=rank == 0)
+    init_if_needed()
+    # Rank 0 creates (or repairs) the store before the others open it: repair deletes
+    # half-written rows, which must not race with another rank's first writes.
+    store = CandidateStore(args.store, repair=True) if rank == 0 else None
+    barrier()
+    if store is None:
+        store = CandidateStore(args.store, repair=False)
     n = generate(store, _policy(args.policy, args.model_path), cfg, progress=not args.quiet)
     print(f"rank {rank}: {n} new candidates in {args.store}")
     return 0

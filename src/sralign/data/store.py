@@ -76,9 +76,12 @@ class CandidateStore:
         self.root = Path(root)
         (self.root / "images").mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(str(self.root / "index.sqlite"), timeout=timeout, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self._retry(lambda: self.db.executescript(SCHEMA))
+        # Switching a new database to WAL takes an exclusive lock that SQLite's busy
+        # timeout does not wait for: two ranks opening the same fresh store at once
+        # (torchrun) see "database is locked" here, so these retry like writes do.
+        self._retry(lambda: self.db.execute("PRAGMA journal_mode=WAL"), tries=100)
+        self._retry(lambda: self.db.execute("PRAGMA synchronous=NORMAL"), tries=100)
+        self._retry(lambda: self.db.executescript(SCHEMA), tries=100)
         if repair:
             self.repair()
 
@@ -93,7 +96,7 @@ class CandidateStore:
             except sqlite3.OperationalError as e:
                 if "locked" not in str(e) and "busy" not in str(e) or i == tries - 1:
                     raise
-                time.sleep(0.05 * (i + 1))
+                time.sleep(min(0.05 * (i + 1), 0.5))
 
     def _write_blob(self, data: bytes) -> tuple[str, str]:
         sha = hashlib.sha256(data).hexdigest()
