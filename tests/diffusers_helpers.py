@@ -65,3 +65,37 @@ def assert_lora_roundtrip(pol, cls, folder) -> None:
     q = cls.from_pretrained(folder)
     sa, sb = pol._lora_state(), q._lora_state()
     assert sa and sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+WORDS = ["a", "photo", "of", "cat", "dog", "sharp", "blurry", "brick", "wall", "grass"]
+
+
+def write_tokenizer(folder, max_length: int = 8) -> None:
+    """A word-level tokenizer over a few words (built here: no tokenizer files are downloaded)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", model_max_length=max_length).save_pretrained(folder)
+
+
+def write_clip_text_encoder(folder, hidden: int) -> None:
+    """``tokenizer/`` + ``text_encoder/`` (a 1-layer CLIP text model of width ``hidden``)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    write_tokenizer(folder / "tokenizer")
+    CLIPTextModel(CLIPTextConfig(vocab_size=len(WORDS) + 2, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
+                                 num_attention_heads=2, max_position_embeddings=8, projection_dim=hidden)).save_pretrained(folder / "text_encoder")
+
+
+def write_t5_text_encoder(folder, d_model: int) -> None:
+    """``tokenizer_2/`` + ``text_encoder_2/`` (a 1-layer T5 encoder of width ``d_model``)."""
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(1)
+    write_tokenizer(folder / "tokenizer_2", max_length=6)
+    T5EncoderModel(T5Config(vocab_size=len(WORDS) + 2, d_model=d_model, d_kv=4, d_ff=2 * d_model, num_layers=1,
+                            num_heads=2)).save_pretrained(folder / "text_encoder_2")

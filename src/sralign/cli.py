@@ -26,6 +26,9 @@ def cmd_sr(args: argparse.Namespace) -> int:
         raise CLIError(f"--colorfix must be one of {', '.join(COLOR_FIXES)}")
     if src.is_dir():
         files = sorted(p for p in src.iterdir() if p.is_file() and not p.name.startswith("."))
+        stems = {p.stem for p in files if p.suffix.lower() != ".txt"}
+        # IMG.txt beside IMG.png is that image's prompt, not an input
+        files = [p for p in files if not (p.suffix.lower() == ".txt" and p.stem in stems)]
         if not files:
             raise CLIError(f"{src}: folder holds no files")
         out_dir = Path(args.output)
@@ -42,6 +45,10 @@ def cmd_sr(args: argparse.Namespace) -> int:
         policy.config.ode_start = args.start
     from tqdm.auto import tqdm
 
+    text = getattr(policy, "prompt_encoder", None) is not None
+    if args.prompt is not None and not text:
+        raise CLIError(f"--prompt needs a text-conditioned policy; {args.policy} has no text encoder "
+                       "(a diffusers model folder with tokenizer/ + text_encoder/)")
     failed = 0
     for f, dst in tqdm(targets, desc="sr", disable=len(targets) < 2 or args.quiet):
         try:
@@ -50,7 +57,12 @@ def cmd_sr(args: argparse.Namespace) -> int:
             print(f"sralign sr: skipped {e}", file=sys.stderr)
             failed += 1
             continue
-        sr = super_resolve(policy, lr, seed=args.seed, sampler=args.sampler, steps=args.steps, tile=args.tile, overlap=args.overlap, colorfix=args.colorfix)
+        prompt = args.prompt
+        sidecar = f.with_suffix(".txt")
+        if text and sidecar.is_file():
+            prompt = sidecar.read_text(encoding="utf-8").strip()
+        sr = super_resolve(policy, lr, seed=args.seed, sampler=args.sampler, steps=args.steps, tile=args.tile,
+                           overlap=args.overlap, colorfix=args.colorfix, prompt=prompt)
         save_image(sr, dst)
         if not args.quiet:
             print(f"{f} -> {dst} ({lr.shape[2]}x{lr.shape[1]} -> {sr.shape[2]}x{sr.shape[1]})")
@@ -298,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("output", help="output PNG (for one input file) or folder")
     s.add_argument("--policy", default="tiny", help="'tiny' (shipped), a checkpoint folder, or osediff / controlnet-sd / flux with --model-path")
     s.add_argument("--model-path", default=None, help="local diffusers model folder")
+    s.add_argument("--prompt", default=None, help="text for every image (text-conditioned backends); "
+                   "IMG.txt beside IMG.png overrides it for that image")
     s.add_argument("--sampler", default="ode", choices=["ode", "sde", "onestep"])
     s.add_argument("--steps", type=int, default=20)
     s.add_argument("--seed", type=int, default=0)

@@ -120,3 +120,30 @@ def dsm_noise_shape(policy: SRPolicy, x0: Tensor) -> tuple[int, ...]:
     policies, the latent shape for latent ones (which define ``dsm_noise_shape``)."""
     fn = getattr(policy, "dsm_noise_shape", None)
     return tuple(fn(x0)) if fn is not None else tuple(x0.shape)
+
+
+def noise_layout(policy: SRPolicy) -> tuple[int, int, int]:
+    """(channels, factor, multiple) of a policy's sampling noise laid out spatially: an output of
+    H×W pixels takes noise [channels, H/factor, W/factor], and H, W must be multiples of
+    ``multiple``. Pixel-space policies: (3, 1, 1); latent ones define ``noise_layout()``."""
+    fn = getattr(policy, "noise_layout", None)
+    return tuple(fn()) if fn is not None else (3, 1, 1)
+
+
+def policy_noise(policy: SRPolicy, spatial: Tensor) -> Tensor:
+    """Spatial noise [B,C,h,w] (see ``noise_layout``) in the policy's own noise space (FLUX packs
+    2×2 latent patches into tokens; others take it as is)."""
+    fn = getattr(policy, "pack_noise", None)
+    return fn(spatial) if fn is not None else spatial
+
+
+def condition_with_prompts(policy: SRPolicy, lr: Tensor, prompts: list[str] | None) -> Cond:
+    """``policy.condition(lr)``, passing per-image ``prompts`` to text-conditioned policies.
+    A policy without text conditioning given prompts raises a ValueError that says so."""
+    if prompts is None:
+        return policy.condition(lr)
+    if getattr(policy, "prompt_encoder", None) is None:
+        raise ValueError(f"{type(policy).__name__} has no text encoder, so it cannot take prompts "
+                         "(use a diffusers model folder with tokenizer/ + text_encoder/, or drop the prompts)")
+    return policy.condition(lr, prompts=prompts)
+

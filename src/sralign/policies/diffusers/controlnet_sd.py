@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..base import Cond, Samples
-from .loading import check_model_folder, encode_prompts, load_component, load_ddpm_scheduler
+from .loading import PromptEncoder, check_model_folder, check_prompts, load_component, load_ddpm_scheduler, prompt_encoder_or_none, rows_of
 from .lora import LoraPolicyMixin, add_lora
 
 
@@ -49,7 +49,7 @@ class ControlNetSD(LoraPolicyMixin):
 
     def __init__(self, vae, unet, controlnet, scheduler, config: ControlNetSDConfig | None = None,
                  prompt_embeds: Tensor | None = None, negative_embeds: Tensor | None = None,
-                 base_path: str | None = None, device: str | torch.device = "cpu"):
+                 base_path: str | None = None, device: str | torch.device = "cpu", prompt_encoder: PromptEncoder | None = None):
         self.config = config or ControlNetSDConfig()
         self.scale = self.config.scale
         self.device = torch.device(device)
@@ -65,6 +65,9 @@ class ControlNetSD(LoraPolicyMixin):
         cross = unet.config.cross_attention_dim
         self.prompt_embeds = (prompt_embeds if prompt_embeds is not None else torch.zeros(1, 1, cross)).to(self.device)
         self.negative_embeds = (negative_embeds if negative_embeds is not None else torch.zeros_like(self.prompt_embeds)).to(self.device)
+        self.prompt_encoder = prompt_encoder
+        if prompt_encoder is not None:
+            prompt_encoder.device = self.device
 
     @classmethod
     def from_pretrained(cls, path, config: ControlNetSDConfig | None = None, device: str = "cpu") -> "ControlNetSD":
@@ -82,8 +85,10 @@ class ControlNetSD(LoraPolicyMixin):
         else:
             cn = ControlNetModel.from_unet(unet)  # DP²O-SR initialises the ControlNet from the UNet
         cfg = config or ControlNetSDConfig()
-        embeds = encode_prompts(folder, [cfg.prompt, cfg.negative_prompt]) or [None, None]
-        return cls(vae, unet, cn, load_ddpm_scheduler(folder), cfg, embeds[0], embeds[1], base_path=str(folder.resolve()), device=device)
+        enc = prompt_encoder_or_none(folder, "clip")
+        emb = enc([cfg.prompt, cfg.negative_prompt])["prompt_embeds"] if enc is not None else None
+        return cls(vae, unet, cn, load_ddpm_scheduler(folder), cfg, None if emb is None else emb[:1], None if emb is None else emb[1:],
+                   base_path=str(folder.resolve()), device=device, prompt_encoder=enc)
 
     def _lora_modules(self) -> dict[str, nn.Module]:
         mods = {"unet": self.model.unet}
@@ -96,6 +101,8 @@ class ControlNetSD(LoraPolicyMixin):
         self.model.to(self.device)
         for k in ("alphas_cumprod", "prompt_embeds", "negative_embeds"):
             setattr(self, k, getattr(self, k).to(self.device))
+        if self.prompt_encoder is not None:
+            self.prompt_encoder.device = self.device
         return self
 
     # ------------------------------------------------------------------ the contract
@@ -106,28 +113,43 @@ class ControlNetSD(LoraPolicyMixin):
         with torch.no_grad():
             return self.model.vae.encode(img01 * 2 - 1).latent_dist.mode() * self.vae_scale
 
-    def condition(self, lr: Tensor) -> Cond:
+    def condition(self, lr: Tensor, prompts: list[str] | None = None) -> Cond:
+        """Encode LR [B,3,h,w]; ``prompts`` (one per image) replace the config's prompt for these
+        rows (the negative prompt stays the config's)."""
+        check_prompts(prompts, lr.shape[0], self.prompt_encoder, self.base_path)
         lr = lr.to(self.device, torch.float32)
         lr_up = F.interpolate(lr, scale_factor=self.scale, mode="bicubic", align_corners=False).clamp(0, 1)
-        return Cond(lr=lr, lr_up=lr_up, features={"control": lr_up})
+        feats = {"control": lr_up}
+        if prompts is not None:
+            feats.update(self.prompt_encoder(prompts))
+        return Cond(lr=lr, lr_up=lr_up, features=feats)
 
     def noise_shape(self, cond: Cond, group: int = 1) -> tuple[int, ...]:
         b, _, h, w = cond.lr_up.shape
         f = self._latent_factor()
         return (b * group, self.model.unet.config.in_channels, h // f, w // f)
 
+    def noise_layout(self) -> tuple[int, int, int]:
+        f = 2 ** (len(self.model.vae.config.block_out_channels) - 1)
+        return self.model.unet.config.in_channels, f, f
+
     def dsm_noise_shape(self, x0: Tensor) -> tuple[int, ...]:
         f = self._latent_factor()
         return (x0.shape[0], self.model.unet.config.in_channels, x0.shape[2] // f, x0.shape[3] // f)
 
-    def _eps(self, z: Tensor, t_int: Tensor, control: Tensor, guidance: float | None = None) -> Tensor:
+    def _eps(self, z: Tensor, t_int: Tensor, features: dict[str, Tensor], guidance: float | None = None) -> Tensor:
+        """ε̂ [n,C,h,w] with classifier-free guidance; ``features`` are a Cond's, with n rows."""
         g = self.config.guidance_scale if guidance is None else guidance
         n = z.shape[0]
+        control, text = features["control"], rows_of(features, "prompt_embeds", self.prompt_embeds, n)
         if g != 1.0:
+            neg = self.negative_embeds.expand(n, -1, -1)
+            if neg.shape[1] != text.shape[1]:
+                raise ValueError(f"negative prompt embedding length {neg.shape[1]} != prompt length {text.shape[1]}")
             z2, t2, c2 = torch.cat([z, z]), torch.cat([t_int, t_int]), torch.cat([control, control])
-            emb = torch.cat([self.negative_embeds.expand(n, -1, -1), self.prompt_embeds.expand(n, -1, -1)])
+            emb = torch.cat([neg, text])
         else:
-            z2, t2, c2, emb = z, t_int, control, self.prompt_embeds.expand(n, -1, -1)
+            z2, t2, c2, emb = z, t_int, control, text
         down, mid = self.model.controlnet(z2, t2, encoder_hidden_states=emb, controlnet_cond=c2, return_dict=False)
         eps = self.model.unet(z2, t2, encoder_hidden_states=emb, down_block_additional_residuals=down,
                               mid_block_additional_residual=mid).sample
@@ -155,7 +177,7 @@ class ControlNetSD(LoraPolicyMixin):
         eta = self.config.sde_noise_level if noise_level is None else noise_level
         t, t_prev = timesteps[i], timesteps[i + 1]
         a, a_prev = self._alpha(t), self._alpha(t_prev)
-        eps = self._eps(x, t.expand(x.shape[0]), cond.features["control"])
+        eps = self._eps(x, t.expand(x.shape[0]), cond.features)
         x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
         std = eta * torch.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev)).clamp_min(0)
         mean = a_prev.sqrt() * x0 + (1 - a_prev - std**2).clamp_min(0).sqrt() * eps
@@ -198,4 +220,4 @@ class ControlNetSD(LoraPolicyMixin):
         a = self.alphas_cumprod[ti][:, None, None, None]
         eps = noise.to(self.device, torch.float32)
         z_t = a.sqrt() * z0 + (1 - a).sqrt() * eps
-        return ((self._eps(z_t, tm, c.features["control"], guidance=1.0) - eps) ** 2).flatten(1).mean(1)
+        return ((self._eps(z_t, tm, c.features, guidance=1.0) - eps) ** 2).flatten(1).mean(1)

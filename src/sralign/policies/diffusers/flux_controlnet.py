@@ -4,9 +4,12 @@ sampling (per-step log-probs), guidance embedding, peft LoRA on the transformer 
 the ControlNet). ``reference()`` disables the adapters.
 
 Folder layout (local, ``local_files_only``): ``vae/``, ``transformer/``, ``controlnet/``;
-text conditioning comes as precomputed embeddings (``prompt_embeds.safetensors`` with
-``prompt_embeds`` [1,L,D] and ``pooled_prompt_embeds`` [1,P]) or zeros — the CLIP-L and T5-XXL
-encoders are not loaded here.
+text conditioning: with ``tokenizer/`` + ``text_encoder/`` (CLIP-L, pooled vector) and
+``tokenizer_2/`` + ``text_encoder_2/`` (T5, token sequence) the config's prompt and per-image
+prompts are encoded as FluxPipeline does (T5 length ``max_sequence_length``); without them,
+precomputed embeddings (``prompt_embeds.safetensors`` with ``prompt_embeds`` [1,L,D] and
+``pooled_prompt_embeds`` [1,P]) or zeros. The text encoders stay on the CPU; each distinct
+prompt is encoded once and cached.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from torch import Tensor, nn
 
 from ..base import Cond, Samples
 from ..flow import flow_sde_step
-from .loading import check_model_folder, load_component
+from .loading import PromptEncoder, check_model_folder, check_prompts, load_component, prompt_encoder_or_none, rows_of
 from .lora import LoraPolicyMixin, add_lora
 
 
@@ -34,6 +37,8 @@ class FluxControlNetConfig:
     lora_alpha: float = 4.0
     lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     lora_on_controlnet: bool = False
+    prompt: str = ""
+    max_sequence_length: int = 512  # T5 tokens (FLUX.1-dev 512, schnell 256)
 
 
 class _FluxModules(nn.Module):
@@ -69,7 +74,7 @@ class FluxControlNet(LoraPolicyMixin):
 
     def __init__(self, vae, transformer, controlnet, config: FluxControlNetConfig | None = None,
                  prompt_embeds: Tensor | None = None, pooled: Tensor | None = None, base_path: str | None = None,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", prompt_encoder: PromptEncoder | None = None):
         self.config = config or FluxControlNetConfig()
         self.scale = self.config.scale
         self.device = torch.device(device)
@@ -83,6 +88,9 @@ class FluxControlNet(LoraPolicyMixin):
         tc = transformer.config
         self.prompt_embeds = (prompt_embeds if prompt_embeds is not None else torch.zeros(1, 1, tc.joint_attention_dim)).to(self.device)
         self.pooled = (pooled if pooled is not None else torch.zeros(1, tc.pooled_projection_dim)).to(self.device)
+        self.prompt_encoder = prompt_encoder
+        if prompt_encoder is not None:
+            prompt_encoder.device = self.device
         self.vae_scale = float(getattr(vae.config, "scaling_factor", 1.0) or 1.0)
         self.vae_shift = float(getattr(vae.config, "shift_factor", 0.0) or 0.0)
 
@@ -99,13 +107,18 @@ class FluxControlNet(LoraPolicyMixin):
         tr = load_component(FluxTransformer2DModel, folder, "transformer")
         cn = load_component(FluxControlNetModel, folder, "controlnet")
         pe = pooled = None
+        config = config or FluxControlNetConfig()
+        enc = prompt_encoder_or_none(folder, "flux", max_sequence_length=config.max_sequence_length)
         emb = folder / "prompt_embeds.safetensors"
-        if emb.is_file():
+        if enc is not None:
+            d = enc([config.prompt])
+            pe, pooled = d["prompt_embeds"], d["pooled_prompt_embeds"]
+        elif emb.is_file():
             from safetensors.torch import load_file
 
             d = load_file(str(emb))
             pe, pooled = d["prompt_embeds"], d["pooled_prompt_embeds"]
-        return cls(vae, tr, cn, config, pe, pooled, base_path=str(folder.resolve()), device=device)
+        return cls(vae, tr, cn, config, pe, pooled, base_path=str(folder.resolve()), device=device, prompt_encoder=enc)
 
     def _lora_modules(self) -> dict[str, nn.Module]:
         mods = {"transformer": self.model.unet}
@@ -117,6 +130,8 @@ class FluxControlNet(LoraPolicyMixin):
         self.device = torch.device(device)
         self.model.to(self.device)
         self.prompt_embeds, self.pooled = self.prompt_embeds.to(self.device), self.pooled.to(self.device)
+        if self.prompt_encoder is not None:
+            self.prompt_encoder.device = self.device
         return self
 
     # ------------------------------------------------------------------ latents
@@ -137,14 +152,26 @@ class FluxControlNet(LoraPolicyMixin):
         return img.shape[-2] // f, img.shape[-1] // f
 
     # ------------------------------------------------------------------ the contract
-    def condition(self, lr: Tensor) -> Cond:
+    def condition(self, lr: Tensor, prompts: list[str] | None = None) -> Cond:
+        """Encode LR [B,3,h,w]; ``prompts`` (one per image) replace the config's prompt for these rows."""
+        check_prompts(prompts, lr.shape[0], self.prompt_encoder, self.base_path)
         lr = lr.to(self.device, torch.float32)
         lr_up = F.interpolate(lr, scale_factor=self.scale, mode="bicubic", align_corners=False).clamp(0, 1)
-        return Cond(lr=lr, lr_up=lr_up, features={"control": pack(self._encode(lr_up))})
+        feats = {"control": pack(self._encode(lr_up))}
+        if prompts is not None:
+            feats.update(self.prompt_encoder(prompts))
+        return Cond(lr=lr, lr_up=lr_up, features=feats)
 
     def noise_shape(self, cond: Cond, group: int = 1) -> tuple[int, ...]:
         b, t, d = cond.features["control"].shape
         return (b * group, t, d)
+
+    def noise_layout(self) -> tuple[int, int, int]:
+        f = self._factor()
+        return self.model.vae.config.latent_channels, f, 2 * f  # packing takes 2×2 latent patches
+
+    def pack_noise(self, spatial: Tensor) -> Tensor:
+        return pack(spatial)
 
     def dsm_noise_shape(self, x0: Tensor) -> tuple[int, ...]:
         h, w = self._latent_hw(x0)
@@ -153,8 +180,10 @@ class FluxControlNet(LoraPolicyMixin):
     def velocity(self, x: Tensor, sigma: Tensor, cond: Cond, h: int, w: int) -> Tensor:
         n = x.shape[0]
         t = sigma.reshape(-1).expand(n).to(self.device, torch.float32)
-        ids, txt_ids = image_ids(h, w, self.device), torch.zeros(self.prompt_embeds.shape[1], 3, device=self.device)
-        kw = dict(encoder_hidden_states=self.prompt_embeds.expand(n, -1, -1), pooled_projections=self.pooled.expand(n, -1),
+        text = rows_of(cond.features, "prompt_embeds", self.prompt_embeds, n)
+        pooled = rows_of(cond.features, "pooled_prompt_embeds", self.pooled, n)
+        ids, txt_ids = image_ids(h, w, self.device), torch.zeros(text.shape[1], 3, device=self.device)
+        kw = dict(encoder_hidden_states=text, pooled_projections=pooled,
                   timestep=t, img_ids=ids, txt_ids=txt_ids)
         if self.model.unet.config.guidance_embeds:
             kw["guidance"] = torch.full((n,), self.config.guidance_scale, device=self.device)

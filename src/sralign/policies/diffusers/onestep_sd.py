@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..base import Cond, Samples
-from .loading import check_model_folder, encode_prompts, load_component, load_ddpm_scheduler
+from .loading import PromptEncoder, check_model_folder, check_prompts, load_component, load_ddpm_scheduler, prompt_encoder_or_none, rows_of
 from .lora import LoraPolicyMixin, add_lora
 
 
@@ -47,7 +47,7 @@ class OneStepSD(LoraPolicyMixin):
     kind = "onestep_sd"
 
     def __init__(self, vae, unet, scheduler, config: OneStepSDConfig | None = None, prompt_embeds: Tensor | None = None,
-                 base_path: str | None = None, device: str | torch.device = "cpu"):
+                 base_path: str | None = None, device: str | torch.device = "cpu", prompt_encoder: PromptEncoder | None = None):
         self.config = config or OneStepSDConfig()
         self.scale = self.config.scale
         self.device = torch.device(device)
@@ -62,6 +62,9 @@ class OneStepSD(LoraPolicyMixin):
         if prompt_embeds is None:
             prompt_embeds = torch.zeros(1, 1, cross)  # the "empty" conditioning when no text encoder is given
         self.prompt_embeds = prompt_embeds.to(self.device, torch.float32)
+        self.prompt_encoder = prompt_encoder
+        if prompt_encoder is not None:
+            prompt_encoder.device = self.device
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -77,8 +80,9 @@ class OneStepSD(LoraPolicyMixin):
         vae = load_component(AutoencoderKL, folder, "vae")
         unet = load_component(UNet2DConditionModel, folder, "unet")
         cfg = config or OneStepSDConfig()
-        embeds = encode_prompts(folder, [cfg.prompt])
-        return cls(vae, unet, load_ddpm_scheduler(folder), cfg, embeds[0] if embeds else None, base_path=str(folder.resolve()), device=device)
+        enc = prompt_encoder_or_none(folder, "clip")
+        emb = enc([cfg.prompt])["prompt_embeds"] if enc is not None else None
+        return cls(vae, unet, load_ddpm_scheduler(folder), cfg, emb, base_path=str(folder.resolve()), device=device, prompt_encoder=enc)
 
     # ------------------------------------------------------------------ training helpers
     def _lora_modules(self) -> dict[str, nn.Module]:
@@ -89,6 +93,8 @@ class OneStepSD(LoraPolicyMixin):
         self.model.to(self.device)
         self.alphas_cumprod = self.alphas_cumprod.to(self.device)
         self.prompt_embeds = self.prompt_embeds.to(self.device)
+        if self.prompt_encoder is not None:
+            self.prompt_encoder.device = self.device
         return self
 
     # ------------------------------------------------------------------ the contract
@@ -96,14 +102,23 @@ class OneStepSD(LoraPolicyMixin):
         with torch.no_grad():
             return self.model.vae.encode(img01 * 2 - 1).latent_dist.mode() * self.vae_scale
 
-    def condition(self, lr: Tensor) -> Cond:
+    def condition(self, lr: Tensor, prompts: list[str] | None = None) -> Cond:
+        """Encode LR [B,3,h,w]; ``prompts`` (one per image) replace the config's prompt for these rows."""
+        check_prompts(prompts, lr.shape[0], self.prompt_encoder, self.base_path)
         lr = lr.to(self.device, torch.float32)
         lr_up = F.interpolate(lr, scale_factor=self.scale, mode="bicubic", align_corners=False).clamp(0, 1)
-        return Cond(lr=lr, lr_up=lr_up, features={"z_lr": self._encode(lr_up)})
+        feats = {"z_lr": self._encode(lr_up)}
+        if prompts is not None:
+            feats.update(self.prompt_encoder(prompts))
+        return Cond(lr=lr, lr_up=lr_up, features=feats)
 
     def noise_shape(self, cond: Cond, group: int = 1) -> tuple[int, ...]:
         b, c, h, w = cond.features["z_lr"].shape
         return (b * group, c, h, w)
+
+    def noise_layout(self) -> tuple[int, int, int]:
+        f = 2 ** (len(self.model.vae.config.block_out_channels) - 1)
+        return self.model.unet.config.in_channels, f, f
 
     def dsm_noise_shape(self, x0: Tensor) -> tuple[int, ...]:
         f = 2 ** (len(self.model.vae.config.block_out_channels) - 1)
@@ -112,8 +127,8 @@ class OneStepSD(LoraPolicyMixin):
     def _steps(self, t: Tensor) -> Tensor:
         return (t.float() * 1000).round().clamp(0, 999).long()
 
-    def _unet(self, z: Tensor, t_int: Tensor) -> Tensor:
-        emb = self.prompt_embeds.expand(z.shape[0], -1, -1)
+    def _unet(self, z: Tensor, t_int: Tensor, cond: Cond) -> Tensor:
+        emb = rows_of(cond.features, "prompt_embeds", self.prompt_embeds, z.shape[0])
         return self.model.unet(z, t_int, encoder_hidden_states=emb).sample
 
     def sample(self, cond: Cond, noise: Tensor, *, sampler: str = "onestep", steps: int = 1, return_trajectory: bool = False, **_) -> Samples:
@@ -128,7 +143,7 @@ class OneStepSD(LoraPolicyMixin):
         td = self._steps(torch.full((n,), self.config.t_diff, device=self.device))
         a_n = self.alphas_cumprod[self._steps(tn)][:, None, None, None]
         z_in = a_n.sqrt() * z_lr + (1 - a_n).sqrt() * eps
-        eps_hat = self._unet(z_in, td)
+        eps_hat = self._unet(z_in, td, cond)
         a_d = self.alphas_cumprod[td][:, None, None, None]
         z0 = (z_in - (1 - a_d).sqrt() * eps_hat) / a_d.sqrt()
         img = self.model.vae.decode(z0 / self.vae_scale).sample
@@ -144,4 +159,4 @@ class OneStepSD(LoraPolicyMixin):
         a = self.alphas_cumprod[ti][:, None, None, None]
         eps = noise.to(self.device, torch.float32)
         z_t = a.sqrt() * z0 + (1 - a).sqrt() * eps
-        return ((self._unet(z_t, tm) - eps) ** 2).flatten(1).mean(1)
+        return ((self._unet(z_t, tm, cond) - eps) ** 2).flatten(1).mean(1)
