@@ -32,7 +32,8 @@ def tiny_sd_unet():
 def train_one_step(pol, method: str, tmp_path, sampler: str = "ode", steps: int = 2) -> None:
     """One optimiser step of ``method`` on ``pol`` with tiny data (online or offline)."""
     if method in ("gdpo", "dgpo", "grpo"):
-        common = dict(steps_total=1, batch_lr=1, group=3, rollout_from="policy", **METRICS)
+        # DGPO rolls out from the EMA of the LoRA adapters (its default), the others from the policy
+        common = dict(steps_total=1, batch_lr=1, group=3, rollout_from="ema" if method == "dgpo" else "policy", **METRICS)
         if method == "gdpo":
             cfg = GDPOConfig(reward="hybrid", **common)
         elif method == "dgpo":
@@ -41,12 +42,26 @@ def train_one_step(pol, method: str, tmp_path, sampler: str = "ode", steps: int 
             cfg = GRPOConfig(steps=steps, clip_range=0.2, **common)
         cfg.lr_set = LRSetConfig(n=2, patch=32)
         OnlineTrainer(pol, cfg, tmp_path / method).train(progress=False)
+        assert_checkpoint_holds_lora_only(tmp_path / method / "checkpoint", ("trained.", "ema."))
     else:
         st = CandidateStore(tmp_path / "store")
         generate(st, pol, GenerateConfig(m=4, sampler=sampler, steps=steps, lr_set=LRSetConfig(n=2, patch=32)), progress=False)
         score_store(st, ["psnr", "sharpness"], progress=False)
         cfg = DP2OConfig(method=method, steps=1, batch_pairs=2, n=1, **METRICS)
         OfflineTrainer(pol, st, cfg, tmp_path / "run").train(progress=False)
+        assert_checkpoint_holds_lora_only(tmp_path / "run" / "checkpoint", ("trained.",))
+
+
+def assert_checkpoint_holds_lora_only(folder, prefixes) -> None:
+    """A training checkpoint of a LoRA backend stores adapters (and their optimizer state), never
+    the frozen base model."""
+    from safetensors.torch import load_file
+
+    names = list(load_file(str(folder / "state.safetensors")))
+    for pre in prefixes:
+        mine = [n for n in names if n.startswith(pre)]
+        assert mine and all("lora" in n for n in mine), mine[:3]
+    assert all(n.startswith((*prefixes, "opt.")) for n in names), [n for n in names if not n.startswith(prefixes)][:3]
 
 
 def snapshot(pol) -> dict[str, torch.Tensor]:

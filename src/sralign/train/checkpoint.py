@@ -100,8 +100,13 @@ def load_training_state(
         if isinstance(m, torch.nn.Module):
             m.load_state_dict(sd)
         else:
-            for k in m:
-                m[k].copy_(sd[k])
+            missing = sorted(set(m) - set(sd))
+            if missing:
+                raise KeyError(f"{folder}: checkpoint lacks {name}.{missing[0]} (and {len(missing) - 1} more); "
+                               "it was written for another model or configuration")
+            with torch.no_grad():
+                for k in m:
+                    m[k].copy_(sd[k])
     if optimizer is not None and "optimizer" in meta:
         optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
     set_rng_state(meta["rng"])

@@ -25,6 +25,7 @@ from ..rewards.hybrid import HybridReward
 from .candidates import Pair, build_pairs
 from .accel import Accel
 from .checkpoint import has_checkpoint, load_training_state, save_training_state
+from .ema import trainable_named_parameters
 from .logging_utils import MetricLogger
 from .offline_config import DP2OConfig
 
@@ -57,6 +58,8 @@ class OfflineTrainer:
         self.accel = Accel(cfg.mixed_precision)
         opt = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.opt = self.accel.prepare(policy, opt)
+        # checkpoints hold what trains (LoRA adapters on a diffusers backend), not the frozen base
+        self.trained = trainable_named_parameters(self.accel.unwrapped(), policy.trainable_parameters())
         # each rank draws its own pairs; one process reproduces the seed exactly
         self.gen = torch.Generator().manual_seed(cfg.seed + 1_000_003 * self.accel.rank)
         self.step = 0
@@ -88,7 +91,7 @@ class OfflineTrainer:
         ck = out / "checkpoint"
         acc = self.accel
         if resume and has_checkpoint(ck):
-            meta = load_training_state(ck, {"unet": acc.unwrapped()}, self.opt, {"data": self.gen})
+            meta = load_training_state(ck, {"trained": self.trained}, self.opt, {"data": self.gen})
             self.step = meta["step"]
             log.info("resumed at step %d", self.step)
         logger = MetricLogger(out, resume_step=self.step if resume else None) if acc.is_main else None
@@ -114,7 +117,7 @@ class OfflineTrainer:
                 logger.log(step, **agg, grad_norm=float(gn), lr=warmup_lr(step, cfg.lr, cfg.warmup), elapsed=time.time() - t0)
             pbar.set_postfix(loss=f"{agg['loss']:.4f}", acc=f"{agg['implicit_acc']:.2f}")
             if acc.is_main and (self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps):
-                save_training_state(ck, self.step, {"unet": acc.unwrapped()}, self.opt, generators={"data": self.gen})
+                save_training_state(ck, self.step, {"trained": self.trained}, self.opt, generators={"data": self.gen})
         acc.wait()
         if acc.is_main:
             logger.close()

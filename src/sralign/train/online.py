@@ -10,7 +10,6 @@ One loop, three methods; they differ only in the rollout sampler and the loss:
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from ..rewards.hybrid import HybridReward
 from .candidates import make_lr_set
 from .accel import Accel
 from .checkpoint import has_checkpoint, load_training_state, save_training_state
+from .ema import ParamEMA, trainable_named_parameters
 from .logging_utils import MetricLogger
 from .offline import warmup_lr
 from .online_config import OnlineConfig
@@ -61,10 +61,11 @@ class OnlineTrainer:
         self.hr = torch.stack([d[2] for d in data])
         policy.freeze_reference()
         self.accel = Accel()
-        self.ema = copy.deepcopy(policy.model).requires_grad_(False)
         opt = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.opt = self.accel.prepare(policy, opt)
-        self.ema.to(self.accel.device)
+        # what trains (LoRA adapters on a diffusers backend): checkpointed, and averaged for rollouts
+        self.trained = trainable_named_parameters(self.accel.unwrapped(), policy.trainable_parameters())
+        self.ema = ParamEMA(self.trained)
         self.lr, self.hr = self.lr.to(self.accel.device), self.hr.to(self.accel.device)
         # each rank rolls out its own LR batch; one process reproduces the seed exactly
         self.gen = torch.Generator().manual_seed(cfg.seed + 1_000_003 * self.accel.rank)
@@ -78,7 +79,7 @@ class OnlineTrainer:
         if src == "reference":
             return self.policy.reference()
         if src == "ema":
-            return self.policy.using(self.ema)
+            return self.ema.swapped_in()
         if src == "policy":
             return contextlib.nullcontext()
         raise ValueError(f"rollout_from must be reference, ema or policy, got {src!r}")
@@ -149,15 +150,12 @@ class OnlineTrainer:
         return torch.tensor(total), agg
 
     def _update_ema(self) -> None:
-        mu = min(self.cfg.ema_max, self.cfg.ema_ramp * self.step)
-        with torch.no_grad():
-            for pe, pm in zip(self.ema.parameters(), self.policy.model.parameters()):
-                pe.mul_(mu).add_(pm, alpha=1 - mu)
+        self.ema.update(min(self.cfg.ema_max, self.cfg.ema_ramp * self.step))
 
     def _save(self, ck: Path) -> None:
         if not self.accel.is_main:
             return
-        save_training_state(ck, self.step, {"unet": self.accel.unwrapped(), "ema": self.ema}, self.opt,
+        save_training_state(ck, self.step, {"trained": self.trained, "ema": self.ema.state}, self.opt,
                             extra={"reward_evals": self.reward_evals, "elapsed": self.elapsed}, generators={"data": self.gen})
 
     # ------------------------------------------------------------------ loop
@@ -170,7 +168,7 @@ class OnlineTrainer:
         save_config(c, out / "config.yaml")
         ck = out / "checkpoint"
         if resume and has_checkpoint(ck):
-            meta = load_training_state(ck, {"unet": self.accel.unwrapped(), "ema": self.ema}, self.opt, {"data": self.gen})
+            meta = load_training_state(ck, {"trained": self.trained, "ema": self.ema.state}, self.opt, {"data": self.gen})
             self.step = meta["step"]
             self.reward_evals = meta["extra"]["reward_evals"]
             self.elapsed = meta["extra"]["elapsed"]

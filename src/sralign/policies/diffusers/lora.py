@@ -105,10 +105,5 @@ class LoraPolicyMixin:
             for m in mods:
                 m.enable_adapters()
 
-    @contextmanager
-    def using(self, model: nn.Module):
-        raise NotImplementedError(f"{type(self).__name__} has no EMA rollout model; use rollout_from=reference or policy")
-        yield  # pragma: no cover
-
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         return (p for m in self._lora_modules().values() for p in m.parameters() if p.requires_grad)
