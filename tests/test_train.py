@@ -1,3 +1,4 @@
+import json
 import signal
 import subprocess
 import sys
@@ -129,18 +130,40 @@ def test_nan_reward_stops_with_lr_id_and_checkpoint(tmp_path, policy_dir):  # no
     assert (tmp_path / "checkpoint" / "state.json").exists()
 
 
-def test_two_process_accelerate_launch(tmp_path, policy_dir):  # noqa: F811
+def _torchrun_train(policy_dir, out, *overrides):
+    """``torchrun --nproc_per_node 2 -m sralign.cli train --method dgpo …`` (gloo DDP on the CPU;
+    ``accelerate launch --cpu --num_processes 2`` starts a single process on this accelerate)."""
     import os
     import shutil
 
-    exe = shutil.which("accelerate")
-    assert exe is not None, "accelerate is a core dependency and should provide its launcher"
+    exe = shutil.which("torchrun")
+    assert exe is not None, "torchrun comes with torch"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    port = str(29600 + os.getpid() % 300)
-    subprocess.run([exe, "launch", "--num_processes", "2", "--cpu", "--main_process_port", port, "-m", "sralign.cli", "train",
-                    "--method", "dgpo", "--policy", str(policy_dir), "--out", str(tmp_path / "run"), "--quiet",
-                    "steps_total=2", "batch_lr=1", "group=4", "lr_set.n=4", "lr_set.patch=32"], check=True, env=env, timeout=300)
+    port = str(29300 + (os.getpid() + len(str(out))) % 400)
+    subprocess.run([exe, "--nproc_per_node", "2", "--master_port", port, "-m", "sralign.cli", "train",
+                    "--method", "dgpo", "--policy", str(policy_dir), "--out", str(out), "--quiet", *overrides,
+                    "batch_lr=1", "group=4", "lr_set.n=6", "lr_set.patch=32"], check=True, env=env, timeout=300)
+
+
+def test_two_process_ddp_training(tmp_path, policy_dir):  # noqa: F811
+    _torchrun_train(policy_dir, tmp_path / "run", "steps_total=2")
     p = load_policy(str(tmp_path / "run" / "policy"))  # plain keys: the unwrapped UNet was saved
     ref = p._ref.state_dict()
     assert any(not torch.equal(v, ref[k]) for k, v in p.model.state_dict().items() if k.startswith("unet."))
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
+    ck = tmp_path / "run" / "checkpoint"
+    assert (ck / "generators.rank0.json").is_file() and (ck / "generators.rank1.json").is_file()  # two ranks ran
+
+
+def test_two_process_resume_equals_uninterrupted(tmp_path, policy_dir):  # noqa: F811
+    """Each rank draws its own batches; a resumed 2-process run restores every rank's generator
+    (not rank 0's on both), so 2 steps + resume + 2 steps equals 4 steps."""
+    _torchrun_train(policy_dir, tmp_path / "full", "steps_total=4", "checkpoint_every=2")
+    _torchrun_train(policy_dir, tmp_path / "cut", "steps_total=2", "checkpoint_every=2")
+    assert json.loads((tmp_path / "cut" / "checkpoint" / "state.json").read_text())["step"] == 2
+    _torchrun_train(policy_dir, tmp_path / "cut", "--resume", "steps_total=4", "checkpoint_every=2")
+    a = load_policy(str(tmp_path / "full" / "policy")).model.state_dict()
+    b = load_policy(str(tmp_path / "cut" / "policy")).model.state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-7) for k in a)
+    ref = load_policy(str(tmp_path / "full" / "policy"))._ref.state_dict()
+    assert any(not torch.allclose(a[k], ref[k], atol=1e-5) for k in a)

@@ -254,7 +254,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         cfg = load_config(METHOD_CONFIGS[args.method], args.config, args.overrides)
         OnlineTrainer(_policy(args.policy, args.model_path), cfg, args.out).train(resume=args.resume, progress=not args.quiet)
-    print(f"aligned policy written to {Path(args.out) / 'policy'}")
+    from .train.distributed import rank_world
+
+    if rank_world()[0] == 0:
+        print(f"aligned policy written to {Path(args.out) / 'policy'}")
     return 0
 
 

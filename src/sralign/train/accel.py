@@ -7,6 +7,7 @@ Trainers wrap the policy's trainable network with ``prepare`` (DDP / FSDP / Deep
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 
 import torch
@@ -17,7 +18,10 @@ class Accel:
     def __init__(self, mixed_precision: str = "no"):
         if mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision must be no, bf16 or fp16, got {mixed_precision!r}")
-        self.acc = Accelerator(mixed_precision=mixed_precision)
+        # accelerate only forms a gloo process group on CPUs when told it runs on the CPU: without
+        # this, ``torchrun --nproc_per_node 2`` on a machine with no GPU gives 2 unrelated runs
+        multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+        self.acc = Accelerator(mixed_precision=mixed_precision, cpu=multi_cpu)
         self._inner: torch.nn.Module | None = None
 
     @property

@@ -115,5 +115,29 @@ def load_training_state(
     return meta
 
 
+def save_rank_generators(folder: str | Path, step: int, rank: int, generators: dict[str, torch.Generator]) -> None:
+    """Each rank's own generator states (ranks draw different data): ``generators.rank<r>.json``,
+    tagged with the step, written atomically before the checkpoint's json."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f"generators.rank{rank}.json.tmp"
+    tmp.write_text(json.dumps({"step": step, "generators": {k: g.get_state().tolist() for k, g in generators.items()}}))
+    os.replace(tmp, folder / f"generators.rank{rank}.json")
+
+
+def load_rank_generators(folder: str | Path, step: int, rank: int, generators: dict[str, torch.Generator]) -> bool:
+    """Restore this rank's generators if its file matches the checkpoint's step; False otherwise
+    (then the states in ``state.json``, rank 0's, stay)."""
+    f = Path(folder) / f"generators.rank{rank}.json"
+    if not f.is_file():
+        return False
+    d = json.loads(f.read_text())
+    if d["step"] != step:
+        return False
+    for k, g in generators.items():
+        g.set_state(torch.tensor(d["generators"][k], dtype=torch.uint8))
+    return True
+
+
 def has_checkpoint(folder: str | Path) -> bool:
     return (Path(folder) / "state.json").is_file()

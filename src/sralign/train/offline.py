@@ -24,7 +24,7 @@ from ..policies.tiny import TinyPolicy
 from ..rewards.hybrid import HybridReward
 from .candidates import Pair, build_pairs
 from .accel import Accel
-from .checkpoint import has_checkpoint, load_training_state, save_training_state
+from .checkpoint import has_checkpoint, load_rank_generators, load_training_state, save_rank_generators, save_training_state
 from .ema import trainable_named_parameters
 from .logging_utils import MetricLogger
 from .offline_config import DP2OConfig
@@ -59,7 +59,8 @@ class OfflineTrainer:
         opt = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.opt = self.accel.prepare(policy, opt)
         # checkpoints hold what trains (LoRA adapters on a diffusers backend), not the frozen base
-        self.trained = trainable_named_parameters(self.accel.unwrapped(), policy.trainable_parameters())
+        with self.accel.unwrapped_policy(policy) as pol:
+            self.trained = trainable_named_parameters(pol.model, policy.trainable_parameters())
         # each rank draws its own pairs; one process reproduces the seed exactly
         self.gen = torch.Generator().manual_seed(cfg.seed + 1_000_003 * self.accel.rank)
         self.step = 0
@@ -93,6 +94,7 @@ class OfflineTrainer:
         if resume and has_checkpoint(ck):
             meta = load_training_state(ck, {"trained": self.trained}, self.opt, {"data": self.gen})
             self.step = meta["step"]
+            load_rank_generators(ck, self.step, acc.rank, {"data": self.gen})
             log.info("resumed at step %d", self.step)
         logger = MetricLogger(out, resume_step=self.step if resume else None) if acc.is_main else None
         if acc.is_main:
@@ -116,8 +118,11 @@ class OfflineTrainer:
             if logger is not None and step % cfg.log_every == 0:
                 logger.log(step, **agg, grad_norm=float(gn), lr=warmup_lr(step, cfg.lr, cfg.warmup), elapsed=time.time() - t0)
             pbar.set_postfix(loss=f"{agg['loss']:.4f}", acc=f"{agg['implicit_acc']:.2f}")
-            if acc.is_main and (self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps):
-                save_training_state(ck, self.step, {"trained": self.trained}, self.opt, generators={"data": self.gen})
+            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                save_rank_generators(ck, self.step, acc.rank, {"data": self.gen})  # each rank draws its own pairs
+                acc.wait()
+                if acc.is_main:
+                    save_training_state(ck, self.step, {"trained": self.trained}, self.opt, generators={"data": self.gen})
         acc.wait()
         if acc.is_main:
             logger.close()

@@ -26,7 +26,7 @@ from ..rewards.base import MetricError
 from ..rewards.hybrid import HybridReward
 from .candidates import make_lr_set
 from .accel import Accel
-from .checkpoint import has_checkpoint, load_training_state, save_training_state
+from .checkpoint import has_checkpoint, load_rank_generators, load_training_state, save_rank_generators, save_training_state
 from .ema import ParamEMA, trainable_named_parameters
 from .logging_utils import MetricLogger
 from .offline import warmup_lr
@@ -64,7 +64,8 @@ class OnlineTrainer:
         opt = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.opt = self.accel.prepare(policy, opt)
         # what trains (LoRA adapters on a diffusers backend): checkpointed, and averaged for rollouts
-        self.trained = trainable_named_parameters(self.accel.unwrapped(), policy.trainable_parameters())
+        with self.accel.unwrapped_policy(policy) as pol:
+            self.trained = trainable_named_parameters(pol.model, policy.trainable_parameters())
         self.ema = ParamEMA(self.trained)
         self.lr, self.hr = self.lr.to(self.accel.device), self.hr.to(self.accel.device)
         # each rank rolls out its own LR batch; one process reproduces the seed exactly
@@ -152,7 +153,12 @@ class OnlineTrainer:
     def _update_ema(self) -> None:
         self.ema.update(min(self.cfg.ema_max, self.cfg.ema_ramp * self.step))
 
-    def _save(self, ck: Path) -> None:
+    def _save(self, ck: Path, sync: bool = False) -> None:
+        """Checkpoint. Every rank writes its own generator state first; ``sync`` (the periodic
+        checkpoints, which every rank reaches) waits for all of them before the json lands."""
+        save_rank_generators(ck, self.step, self.accel.rank, {"data": self.gen})
+        if sync:
+            self.accel.wait()
         if not self.accel.is_main:
             return
         save_training_state(ck, self.step, {"trained": self.trained, "ema": self.ema.state}, self.opt,
@@ -170,6 +176,7 @@ class OnlineTrainer:
         if resume and has_checkpoint(ck):
             meta = load_training_state(ck, {"trained": self.trained, "ema": self.ema.state}, self.opt, {"data": self.gen})
             self.step = meta["step"]
+            load_rank_generators(ck, self.step, self.accel.rank, {"data": self.gen})
             self.reward_evals = meta["extra"]["reward_evals"]
             self.elapsed = meta["extra"]["elapsed"]
         main = self.accel.is_main
@@ -205,7 +212,7 @@ class OnlineTrainer:
                 logger.log(step, **rec)
             pbar.set_postfix(loss=f"{rec['loss']:.4f}", r=f"{rec['reward_mean']:.3f}")
             if self.step % c.checkpoint_every == 0 or self.step == c.steps_total:
-                self._save(ck)
+                self._save(ck, sync=True)
             if callback is not None and callback(self) is True:  # the callback asks to stop
                 self._save(ck)
                 break
