@@ -40,6 +40,7 @@ def main() -> None:
     ap.add_argument("--t-max", type=float, default=1.0)
     ap.add_argument("--methods", default="dp2o,dpo")
     ap.add_argument("--out", default="runs/spread")
+    ap.add_argument("--store", default=None, help="reuse this candidate store (default OUT/store)")
     a = ap.parse_args()
     out = Path(a.out)
     t0 = time.time()
@@ -50,7 +51,7 @@ def main() -> None:
         return p
 
     gen = GenerateConfig(m=a.m, steps=10, lr_set=LRSetConfig(n=a.n_lr, patch=64))
-    store = CandidateStore(out / "store")
+    store = CandidateStore(a.store or out / "store")
     generate(store, policy(), gen, progress=False)
     base = DP2OConfig()
     score_store(store, sorted(set(base.fr_metrics + base.nr_metrics)), progress=False)
@@ -62,11 +63,12 @@ def main() -> None:
         OfflineTrainer(pol, store, cfg, out / "runs" / method).train(resume=True, progress=False)
         pols[method], samplers[method] = pol, "ode"
     res = run_eval(pols, EvalConfig(m=16), out / "eval", samplers=samplers, progress=False)
+    held = {m: {k: round(v["mean"], 4) for k, v in d.items()} for m, d in res.metrics.items()}
     rows = {label: {"mean@M": round(c["mean"][-1], 4), "worst@M": round(c["worst"][-1], 4),
                     "std/img": round(res.reward_std[label], 4),
                     **{f"{k}_std/img": round(v[label]["std_per_image"], 4) for k, v in res.metrics.items()}}
             for label, c in res.reward.items()}
-    print(json.dumps({"args": vars(a), "rows": rows, "wall_s": round(time.time() - t0, 1)}, indent=1))
+    print(json.dumps({"args": vars(a), "rows": rows, "metric_means": held, "win_rate": res.win_rate, "wall_s": round(time.time() - t0, 1)}, indent=1))
 
 
 if __name__ == "__main__":

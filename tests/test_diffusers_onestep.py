@@ -86,3 +86,21 @@ def test_load_policy_detects_diffusers_folders(sd_folder, tmp_path):
     assert isinstance(pol, OneStepSD)
     pol.save(tmp_path / "a")
     assert isinstance(load_policy(str(tmp_path / "a")), OneStepSD)
+
+
+def test_dsm_encodes_a_batch_once_for_policy_and_reference(sd_folder):
+    pol = OneStepSD.from_pretrained(sd_folder)
+    calls = []
+    pol.model.vae.encoder.register_forward_hook(lambda *a: calls.append(1))
+    x0, cond = torch.rand(2, 3, 32, 32), pol.condition(torch.rand(2, 3, 8, 8))
+    calls.clear()
+    t, eps = torch.full((2,), 0.3), torch.randn(pol.dsm_noise_shape(x0))
+    d = pol.dsm(x0, cond, t, eps)
+    with torch.no_grad(), pol.reference():
+        d_ref = pol.dsm(x0, cond, t, eps)
+    assert len(calls) == 1 and torch.allclose(d.detach(), d_ref, atol=1e-6)  # fresh adapters (B = 0): same loss
+    x0.add_(0.01)  # changed in place: encoded again
+    fresh = pol.dsm(x0, cond, t, eps)
+    assert len(calls) == 2
+    pol._clean_latents = None
+    assert torch.allclose(pol.dsm(x0, cond, t, eps), fresh)  # the cache never changes a result

@@ -214,7 +214,7 @@ class ControlNetSD(LoraPolicyMixin):
         """ε-prediction loss per sample [B] in latent space (no guidance), ControlNet on LR↑."""
         n = x0.shape[0]
         c = cond.repeat(n // cond.batch_size) if n != cond.batch_size else cond
-        z0 = self._encode(x0.to(self.device, torch.float32))
+        z0 = self._encode_clean(x0)
         ti = (t.to(self.device).reshape(-1).float() * 1000).round().clamp(0, 999).long()
         tm = ti if t_model is None else (t_model.to(self.device).reshape(-1).expand_as(t).float() * 1000).round().clamp(0, 999).long()
         a = self.alphas_cumprod[ti][:, None, None, None]

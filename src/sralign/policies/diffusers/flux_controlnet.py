@@ -226,7 +226,7 @@ class FluxControlNet(LoraPolicyMixin):
         n = x0.shape[0]
         c = cond.repeat(n // cond.batch_size) if n != cond.batch_size else cond
         h, w = self._latent_hw(x0)
-        z0 = pack(self._encode(x0.to(self.device, torch.float32)))
+        z0 = pack(self._encode_clean(x0))
         t = t.to(self.device).reshape(-1).float()
         tm = t if t_model is None else t_model.to(self.device).reshape(-1).expand_as(t).float()
         eps = noise.to(self.device, torch.float32)

@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+import torch
 from torch import Tensor, nn
 
 from ..tiny import PolicyLoadError
@@ -104,6 +105,18 @@ class LoraPolicyMixin:
         finally:
             for m in mods:
                 m.enable_adapters()
+
+    def _encode_clean(self, x0: Tensor) -> Tensor:
+        """VAE latents of clean training images ``x0`` for ``dsm``, remembered for the next call
+        with the very same (unmodified) tensor: trainers score one batch with the policy and then
+        with the reference, and the frozen VAE gives the same latents both times."""
+        key = (id(x0), x0._version, str(x0.device), tuple(x0.shape))
+        hit = getattr(self, "_clean_latents", None)
+        if hit is not None and hit[0] == key and hit[1] is x0:
+            return hit[2]
+        z = self._encode(x0.to(self.device, torch.float32))
+        self._clean_latents = (key, x0, z)
+        return z
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         return (p for m in self._lora_modules().values() for p in m.parameters() if p.requires_grad)

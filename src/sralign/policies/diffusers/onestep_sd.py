@@ -152,7 +152,7 @@ class OneStepSD(LoraPolicyMixin):
     def dsm(self, x0: Tensor, cond: Cond, t: Tensor, noise: Tensor, t_model: Tensor | None = None) -> Tensor:
         """ε-prediction loss per sample [B] in latent space: x0 encoded by the VAE, noised at t,
         UNet queried at t_model (default t)."""
-        z0 = self._encode(x0.to(self.device, torch.float32))
+        z0 = self._encode_clean(x0)
         t = t.to(self.device).reshape(-1)
         ti = self._steps(t)
         tm = ti if t_model is None else self._steps(t_model.to(self.device).reshape(-1).expand_as(t))
