@@ -29,6 +29,44 @@ def tiny_sd_unet():
                                 attention_head_dim=4, norm_num_groups=8)
 
 
+FLUX_TINY = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+                 joint_attention_dim=16, pooled_projection_dim=8, guidance_embeds=True, axes_dims_rope=[2, 2, 4])
+
+
+def _give_voice(controlnet) -> None:
+    """A ControlNet fresh from its init has zero output convs, which would hide the control path."""
+    with torch.no_grad():
+        for p in controlnet.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+
+
+def write_tiny_controlnet_sd(folder) -> None:
+    """``vae/ unet/ controlnet/`` of a tiny SD-style ControlNet model (seeded)."""
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(0)
+    vae, unet = tiny_vae(), tiny_sd_unet()
+    cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16))
+    _give_voice(cn)
+    vae.save_pretrained(folder / "vae")
+    unet.save_pretrained(folder / "unet")
+    cn.save_pretrained(folder / "controlnet")
+
+
+def write_tiny_flux(folder) -> None:
+    """``vae/ transformer/ controlnet/`` of a tiny FLUX ControlNet model (seeded)."""
+    from diffusers import FluxControlNetModel, FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    vae = tiny_vae()
+    tr = FluxTransformer2DModel(**FLUX_TINY)
+    cn = FluxControlNetModel(**dict(FLUX_TINY, num_single_layers=0))
+    _give_voice(cn)
+    vae.save_pretrained(folder / "vae")
+    tr.save_pretrained(folder / "transformer")
+    cn.save_pretrained(folder / "controlnet")
+
+
 def train_one_step(pol, method: str, tmp_path, sampler: str = "ode", steps: int = 2) -> None:
     """One optimiser step of ``method`` on ``pol`` with tiny data (online or offline)."""
     if method in ("gdpo", "dgpo", "grpo"):

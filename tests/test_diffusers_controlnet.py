@@ -3,24 +3,14 @@
 import pytest
 import torch
 
-from diffusers_helpers import assert_lora_roundtrip, assert_only_lora_changed, snapshot, tiny_sd_unet, tiny_vae, train_one_step
+from diffusers_helpers import assert_lora_roundtrip, assert_only_lora_changed, snapshot, train_one_step, write_tiny_controlnet_sd
 from sralign.policies.diffusers import ControlNetSD
 
 
 @pytest.fixture(scope="module")
 def cn_folder(tmp_path_factory):
-    from diffusers import ControlNetModel
-
-    torch.manual_seed(0)
-    vae, unet = tiny_vae(), tiny_sd_unet()
-    cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16))
-    with torch.no_grad():  # a ControlNet fresh from the UNet has zero output convs: give it a voice
-        for p in cn.parameters():
-            p.add_(0.01 * torch.randn_like(p))
     d = tmp_path_factory.mktemp("cn") / "tiny-cn"
-    vae.save_pretrained(d / "vae")
-    unet.save_pretrained(d / "unet")
-    cn.save_pretrained(d / "controlnet")
+    write_tiny_controlnet_sd(d)
     return d
 
 

@@ -3,28 +3,13 @@
 import pytest
 import torch
 
-from diffusers_helpers import assert_lora_roundtrip, assert_only_lora_changed, snapshot, tiny_vae, train_one_step
+from diffusers_helpers import assert_lora_roundtrip, assert_only_lora_changed, snapshot, train_one_step, write_tiny_flux
 from sralign.policies.diffusers.flux_controlnet import FluxControlNet, pack, unpack
-
-TINY = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
-            joint_attention_dim=16, pooled_projection_dim=8, guidance_embeds=True, axes_dims_rope=[2, 2, 4])
-
 
 @pytest.fixture(scope="module")
 def flux_folder(tmp_path_factory):
-    from diffusers import FluxControlNetModel, FluxTransformer2DModel
-
-    torch.manual_seed(0)
-    vae = tiny_vae()
-    tr = FluxTransformer2DModel(**TINY)
-    cn = FluxControlNetModel(**dict(TINY, num_single_layers=0))
-    with torch.no_grad():  # zero-initialised ControlNet outputs would hide the control path
-        for p in cn.parameters():
-            p.add_(0.01 * torch.randn_like(p))
     d = tmp_path_factory.mktemp("flux") / "tiny-flux"
-    vae.save_pretrained(d / "vae")
-    tr.save_pretrained(d / "transformer")
-    cn.save_pretrained(d / "controlnet")
+    write_tiny_flux(d)
     return d
 
 

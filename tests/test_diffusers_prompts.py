@@ -5,7 +5,7 @@ import shutil
 import pytest
 import torch
 
-from diffusers_helpers import tiny_sd_unet, tiny_vae, write_clip_text_encoder, write_t5_text_encoder
+from diffusers_helpers import FLUX_TINY, write_clip_text_encoder, write_t5_text_encoder, write_tiny_controlnet_sd, write_tiny_flux
 from sralign.policies.diffusers import ControlNetSD, FluxControlNet, OneStepSD
 from sralign.policies.diffusers.loading import PromptEncoder
 from sralign.policies.tiny import PolicyLoadError
@@ -13,39 +13,18 @@ from sralign.policies.tiny import PolicyLoadError
 
 @pytest.fixture(scope="module")
 def sd_text_folder(tmp_path_factory):
-    from diffusers import ControlNetModel
-
-    torch.manual_seed(0)
-    vae, unet = tiny_vae(), tiny_sd_unet()
-    cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16))
-    with torch.no_grad():
-        for p in cn.parameters():
-            p.add_(0.01 * torch.randn_like(p))
     d = tmp_path_factory.mktemp("sdtext") / "tiny-sd"
-    vae.save_pretrained(d / "vae")
-    unet.save_pretrained(d / "unet")
-    cn.save_pretrained(d / "controlnet")
+    write_tiny_controlnet_sd(d)
     write_clip_text_encoder(d, hidden=16)
     return d
 
 
 @pytest.fixture(scope="module")
 def flux_text_folder(tmp_path_factory):
-    from diffusers import FluxControlNetModel, FluxTransformer2DModel
-
-    from test_diffusers_flux import TINY
-
-    torch.manual_seed(0)
     d = tmp_path_factory.mktemp("fluxtext") / "tiny-flux"
-    tiny_vae().save_pretrained(d / "vae")
-    FluxTransformer2DModel(**TINY).save_pretrained(d / "transformer")
-    cn = FluxControlNetModel(**dict(TINY, num_single_layers=0))
-    with torch.no_grad():
-        for p in cn.parameters():
-            p.add_(0.01 * torch.randn_like(p))
-    cn.save_pretrained(d / "controlnet")
-    write_clip_text_encoder(d, hidden=TINY["pooled_projection_dim"])
-    write_t5_text_encoder(d, d_model=TINY["joint_attention_dim"])
+    write_tiny_flux(d)
+    write_clip_text_encoder(d, hidden=FLUX_TINY["pooled_projection_dim"])
+    write_t5_text_encoder(d, d_model=FLUX_TINY["joint_attention_dim"])
     return d
 
 
