@@ -142,3 +142,38 @@ def test_paired_patches():
     pp = PairedPatches(imgs, 32, 4, lambda hr, g: simple_degradation(hr, 4, g))
     hr, lr = pp.batch(5, torch.Generator().manual_seed(0))
     assert hr.shape == (5, 3, 32, 32) and lr.shape == (5, 3, 8, 8)
+
+
+def _hr_folder(tmp_path):
+    d = tmp_path / "hr"
+    d.mkdir()
+    g = torch.Generator().manual_seed(0)
+    save_image(torch.rand(3, 80, 96, generator=g), d / "cat.png")
+    (d / "cat.txt").write_text("a photo of a cat\n")
+    save_image(torch.rand(3, 72, 72, generator=g), d / "wall.png")
+    save_image(torch.rand(3, 20, 20, generator=g), d / "small.png")  # smaller than the patch
+    (d / "broken.png").write_bytes(b"not a png")
+    return d
+
+
+def test_lr_set_from_your_own_hr_folder_with_captions(tmp_path, caplog):
+    from sralign.train.candidates import LRSetConfig, make_lr_set
+
+    cfg = LRSetConfig(n=12, patch=32, hr_dir=str(_hr_folder(tmp_path)))
+    items = make_lr_set(cfg)
+    assert len(items) == 12 and items[0].lr.shape == (3, 8, 8) and items[0].hr.shape == (3, 32, 32)
+    assert {it.prompt for it in items} == {"a photo of a cat", None}  # both usable images are drawn
+    again = make_lr_set(cfg)
+    assert all(torch.equal(a.lr, b.lr) and a.prompt == b.prompt for a, b in zip(items, again))
+    assert "broken.png" in caplog.text and "small.png" in caplog.text and "cat.txt" not in caplog.text
+    with pytest.raises(ImageError, match="lr_set.patch"):
+        make_lr_set(LRSetConfig(n=2, patch=128, hr_dir=cfg.hr_dir))
+
+
+def test_store_keeps_captions(tmp_path):
+    from sralign.data.store import CandidateStore
+
+    st = CandidateStore(tmp_path / "s")
+    st.add_lr("a", torch.rand(3, 8, 8), prompt="a brick wall")
+    st.add_lr("b", torch.rand(3, 8, 8))
+    assert st.prompt("a") == "a brick wall" and st.prompt("b") is None

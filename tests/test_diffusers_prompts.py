@@ -131,3 +131,49 @@ def test_cli_sr_reads_sidecar_prompts(sd_text_folder, tmp_path):
     assert a.shape == (3, 48, 48) and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "b.png"]
     assert (a - b).abs().mean() > 1e-3  # same image and seed, different prompt
     assert main(["sr", str(src / "a.png"), str(tmp_path / "o2.png"), "--prompt", "a cat", "--quiet"]) != 0
+
+
+def test_captions_of_your_hr_folder_reach_every_trainer_and_eval(sd_text_folder, tmp_path):
+    """HR folder with IMG.txt captions -> generate / DP²O / GDPO / eval condition each row on its caption."""
+    from sralign.data.images import save_image
+    from sralign.data.store import CandidateStore
+    from sralign.eval.bestof import sample_groups
+    from sralign.train.candidates import GenerateConfig, LRSetConfig, generate, make_lr_set, score_store
+    from sralign.train.offline import OfflineTrainer
+    from sralign.train.offline_config import DP2OConfig
+    from sralign.train.online import OnlineTrainer
+    from sralign.train.online_config import GDPOConfig
+
+    hr = tmp_path / "hr"
+    hr.mkdir()
+    save_image(torch.rand(3, 40, 40, generator=torch.Generator().manual_seed(0)), hr / "cat.png")
+    (hr / "cat.txt").write_text("a photo of a cat")
+    save_image(torch.rand(3, 40, 40, generator=torch.Generator().manual_seed(1)), hr / "wall.png")
+    lr_set = LRSetConfig(n=4, patch=32, hr_dir=str(hr))
+    pol = OneStepSD.from_pretrained(sd_text_folder)
+    seen = []
+    inner = pol.condition
+
+    def spy(lr, prompts=None):
+        seen.append(prompts)
+        return inner(lr, prompts=prompts)
+
+    pol.condition = spy
+    st = CandidateStore(tmp_path / "store")
+    generate(st, pol, GenerateConfig(m=4, sampler="onestep", steps=1, lr_set=lr_set), progress=False)
+    captions = {st.prompt(i) for i in st.lr_ids()}
+    assert "a photo of a cat" in captions
+    assert [["a photo of a cat"] if st.prompt(i) else None for i in st.lr_ids()] == seen  # one condition per LR
+    score_store(st, ["psnr", "sharpness"], progress=False)
+    seen.clear()
+    OfflineTrainer(pol, st, DP2OConfig(steps=1, batch_pairs=4, n=1, fr_metrics=["psnr"], nr_metrics=["sharpness"]), tmp_path / "dp2o").train(progress=False)
+    offline = [p for p in seen if p is not None]
+    assert offline and all(len(p) == 8 and p[:4] == p[4:] for p in offline)  # winners and losers share captions
+    seen.clear()
+    OnlineTrainer(pol, GDPOConfig(steps_total=2, batch_lr=2, group=2, reward="hybrid", fr_metrics=["psnr"], nr_metrics=["sharpness"],
+                                  lr_set=lr_set), tmp_path / "gdpo").train(progress=False)
+    assert any(p is not None and "a photo of a cat" in p for p in seen)
+    seen.clear()
+    items = make_lr_set(lr_set)
+    sample_groups(pol, torch.stack([i.lr for i in items]), 2, sampler="onestep", steps=1, prompts=[i.prompt for i in items])
+    assert seen == [["a photo of a cat"] if i.prompt else None for i in items]

@@ -156,9 +156,16 @@ def load_bundled(split: str = "train") -> list[tuple[str, Tensor]]:
 
 def random_crops(images: list[Tensor], n: int, size: int, generator: torch.Generator) -> Tensor:
     """``n`` random ``size``×``size`` crops [n,3,size,size] from a list of [3,H,W] images."""
+    return random_crops_with_source(images, n, size, generator)[0]
+
+
+def random_crops_with_source(images: list[Tensor], n: int, size: int, generator: torch.Generator) -> tuple[Tensor, list[int]]:
+    """``random_crops`` and, for each crop, the index of the image it came from."""
     out = torch.empty(n, 3, size, size)
+    source = []
     for k in range(n):
-        img = images[int(torch.randint(len(images), (1,), generator=generator))]
+        source.append(int(torch.randint(len(images), (1,), generator=generator)))
+        img = images[source[-1]]
         _, h, w = img.shape
         y = int(torch.randint(h - size + 1, (1,), generator=generator))
         x = int(torch.randint(w - size + 1, (1,), generator=generator))
@@ -166,7 +173,13 @@ def random_crops(images: list[Tensor], n: int, size: int, generator: torch.Gener
         if torch.rand(1, generator=generator) < 0.5:
             crop = crop.flip(-1)
         out[k] = crop
-    return out
+    return out, source
+
+
+def sidecar_prompt(image_path: str | os.PathLike) -> str | None:
+    """The caption in ``IMG.txt`` beside ``IMG.png`` (stripped), or None."""
+    p = Path(image_path).with_suffix(".txt")
+    return p.read_text(encoding="utf-8").strip() if p.is_file() else None
 
 
 def center_crop(img: Tensor, size: int) -> Tensor:
@@ -190,7 +203,11 @@ class ImageFolder:
         self.paths: list[Path] = []
         self.skipped: list[tuple[Path, str]] = []
         self._cache: dict[int, Tensor] = {}
-        for p in sorted(q for q in self.folder.iterdir() if q.is_file() and not q.name.startswith(".")):
+        files = sorted(q for q in self.folder.iterdir() if q.is_file() and not q.name.startswith("."))
+        stems = {q.stem for q in files if q.suffix.lower() != ".txt"}
+        for p in files:
+            if p.suffix.lower() == ".txt" and p.stem in stems:
+                continue  # IMG.txt: the caption of IMG.png (see ``sidecar_prompt``)
             try:
                 img = load_image(p, min_size=min_size)
             except ImageError as e:
@@ -209,6 +226,9 @@ class ImageFolder:
 
     def name(self, i: int) -> str:
         return self.paths[i].stem
+
+    def prompt(self, i: int) -> str | None:
+        return sidecar_prompt(self.paths[i])
 
 
 class PairedPatches:

@@ -44,6 +44,7 @@ CREATE TABLE IF NOT EXISTS candidates (
 CREATE TABLE IF NOT EXISTS scores (
     cid INTEGER NOT NULL, metric TEXT NOT NULL, value REAL NOT NULL, PRIMARY KEY (cid, metric));
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS prompts (lr_id TEXT PRIMARY KEY, text TEXT NOT NULL);
 """
 
 
@@ -134,10 +135,18 @@ class CandidateStore:
         return {"temp_files": tmp, "orphans": orphans}
 
     # ------------------------------------------------------------------ LR images
-    def add_lr(self, lr_id: str, lr: Tensor, hr: Tensor | None = None, split: str = "train") -> None:
+    def add_lr(self, lr_id: str, lr: Tensor, hr: Tensor | None = None, split: str = "train", prompt: str | None = None) -> None:
+        """Add an LR image (and its HR, and its caption for text-conditioned policies) once."""
         lr_sha, _ = self._write_blob(png_bytes(lr))
         hr_sha = self._write_blob(png_bytes(hr))[0] if hr is not None else None
         self._retry(lambda: self.db.execute("INSERT OR IGNORE INTO lr VALUES (?,?,?,?)", (lr_id, lr_sha, hr_sha, split)))
+        if prompt is not None:
+            self._retry(lambda: self.db.execute("INSERT OR IGNORE INTO prompts VALUES (?,?)", (lr_id, prompt)))
+
+    def prompt(self, lr_id: str) -> str | None:
+        """The caption stored with an LR image, or None."""
+        row = self.db.execute("SELECT text FROM prompts WHERE lr_id=?", (lr_id,)).fetchone()
+        return None if row is None else row[0]
 
     def lr_ids(self, split: str | None = None) -> list[str]:
         q = "SELECT lr_id FROM lr" + (" WHERE split=?" if split else "") + " ORDER BY lr_id"

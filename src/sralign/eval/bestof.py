@@ -14,19 +14,21 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..policies.base import SRPolicy
+from ..policies.base import SRPolicy, batch_prompts, condition_with_prompts
 from ..rewards.hybrid import HybridReward, score_group
 from ..rewards.registry import get_metric
 from ..train.candidates import candidate_noise
 
 
 @torch.no_grad()
-def sample_groups(policy: SRPolicy, lr: Tensor, m: int, *, sampler: str = "ode", steps: int = 10, seed: int = 0, chunk: int = 16, ids: list[str] | None = None, progress: bool = False, desc: str = "sample") -> Tensor:
-    """[n,M,3,H,W]: M seeded samples per LR (noise depends only on seed, LR id and sample index)."""
+def sample_groups(policy: SRPolicy, lr: Tensor, m: int, *, sampler: str = "ode", steps: int = 10, seed: int = 0, chunk: int = 16,
+                  ids: list[str] | None = None, prompts: list[str | None] | None = None, progress: bool = False, desc: str = "sample") -> Tensor:
+    """[n,M,3,H,W]: M seeded samples per LR (noise depends only on seed, LR id and sample index).
+    ``prompts``: each LR's caption (or None) for text-conditioned policies."""
     ids = ids or [f"eval{i:04d}" for i in range(lr.shape[0])]
     out = []
     for i in tqdm(range(lr.shape[0]), desc=desc, disable=not progress):
-        cond = policy.condition(lr[i : i + 1])
+        cond = condition_with_prompts(policy, lr[i : i + 1], batch_prompts(policy, [prompts[i]]) if prompts else None)
         shape = policy.noise_shape(cond)[1:]
         imgs = []
         for s0 in range(0, m, chunk):
@@ -86,6 +88,7 @@ def evaluate_policies(
     m: int = 16,
     seed: int = 1000,
     progress: bool = False,
+    prompts: list[str | None] | None = None,
 ) -> tuple[EvalResult, dict[str, Tensor]]:
     """Sample M seeds per held-out LR for every spec; reward curves and per-metric statistics.
 
@@ -96,7 +99,8 @@ def evaluate_policies(
     for name, sp in specs.items():
         ctx = sp.policy.reference() if sp.use_reference else contextlib.nullcontext()
         with ctx:
-            samples[name] = sample_groups(sp.policy, lr, m, sampler=sp.sampler, steps=sp.steps, seed=seed, progress=progress, desc=f"eval {name}")
+            samples[name] = sample_groups(sp.policy, lr, m, sampler=sp.sampler, steps=sp.steps, seed=seed, prompts=prompts,
+                                          progress=progress, desc=f"eval {name}")
     names = list(samples)
     extra = [get_metric(n) for n in heldout_metrics if n not in reward.names]
     raw = {k: score_group([*reward.metrics, *extra], v, hr) for k, v in samples.items()}

@@ -31,9 +31,10 @@ class EvalConfig:
     grid_seeds: int = 3
 
 
-def heldout_set(cfg: EvalConfig) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+def heldout_set(cfg: EvalConfig) -> tuple[list[str], torch.Tensor, torch.Tensor, list[str | None]]:
+    """(ids, lr [n,3,h,w], hr [n,3,H,W], captions) of the held-out set."""
     data = make_lr_set(cfg.lr_set)
-    return [d[0] for d in data], torch.stack([d[1] for d in data]), torch.stack([d[2] for d in data])
+    return [d.lr_id for d in data], torch.stack([d.lr for d in data]), torch.stack([d.hr for d in data]), [d.prompt for d in data]
 
 
 def run_eval(
@@ -57,7 +58,7 @@ def run_eval(
     t0 = time.time()
     samplers = samplers or {}
     reward = HybridReward.from_names(cfg.fr_metrics, cfg.nr_metrics)
-    ids, lr, hr = heldout_set(cfg)
+    ids, lr, hr, prompts = heldout_set(cfg)
     specs: dict[str, PolicySpec] = {}
     for label, pol in policies.items():
         policy = load_policy(str(pol)) if isinstance(pol, (str, Path)) else pol
@@ -67,7 +68,8 @@ def run_eval(
         if ref_label not in specs:
             specs[ref_label] = PolicySpec(policy, use_reference=True, sampler=sampler, steps=steps)
         specs[label] = PolicySpec(policy, sampler=sampler, steps=steps, baseline=ref_label)
-    result, samples = evaluate_policies(specs, hr, lr, reward, cfg.heldout_metrics, m=cfg.m, seed=cfg.seed, progress=progress)
+    result, samples = evaluate_policies(specs, hr, lr, reward, cfg.heldout_metrics, m=cfg.m, seed=cfg.seed, progress=progress,
+                                        prompts=prompts)
     (out / "eval.json").write_text(json.dumps(result.to_dict(), indent=1))
     figures = {"Best@M / Mean@M / Worst@M": plot_bestof(result, out / "bestof.png")}
     # image grids: LR | reference seeds | aligned seeds | HR, per image, one grid per aligned policy

@@ -147,3 +147,13 @@ def condition_with_prompts(policy: SRPolicy, lr: Tensor, prompts: list[str] | No
                          "(use a diffusers model folder with tokenizer/ + text_encoder/, or drop the prompts)")
     return policy.condition(lr, prompts=prompts)
 
+
+def batch_prompts(policy: SRPolicy, texts: list[str | None]) -> list[str] | None:
+    """Per-image prompts for one batch: the captions ``texts``, with the policy's own configured
+    prompt where an image has none; None when the policy takes no text or no image has a caption
+    (then ``condition`` uses the policy's configured prompt for every row)."""
+    if getattr(policy, "prompt_encoder", None) is None or all(t is None for t in texts):
+        return None
+    default = getattr(getattr(policy, "config", None), "prompt", "")
+    return [default if t is None else t for t in texts]
+

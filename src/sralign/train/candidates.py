@@ -5,14 +5,17 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
 
 from ..data.degradation import RealESRGANConfig, RealESRGANDegradation, SimpleDegradationConfig, simple_degradation
-from ..data.images import load_bundled, random_crops
+from ..data.images import ImageError, ImageFolder, load_bundled, random_crops_with_source
 from ..data.store import CandidateStore
 from ..losses import dp2o_pairs, hpo_weights
+from ..policies.base import batch_prompts, condition_with_prompts
 from ..policies.tiny import TinyPolicy
 from ..rewards.hybrid import HybridReward
 from ..rewards.registry import get_metric
@@ -23,7 +26,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class LRSetConfig:
-    """A deterministic set of (HR, LR) crops from the bundled photographs."""
+    """A deterministic set of (HR, LR) crops: from the bundled photographs of ``split``, or from
+    your own HR images in ``hr_dir`` (a folder; ``IMG.txt`` beside ``IMG.png`` is its caption,
+    used by text-conditioned policies). ``split`` labels the set in a candidate store."""
 
     split: str = "train"
     n: int = 24
@@ -31,13 +36,39 @@ class LRSetConfig:
     scale: int = 4
     seed: int = 0
     degradation: str = "simple"  # simple | realesrgan
+    hr_dir: str = ""
 
 
-def make_lr_set(cfg: LRSetConfig) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-    """[(lr_id, lr [3,h,w], hr [3,H,W])] — same config, same crops and LR bytes."""
+class LRItem(NamedTuple):
+    lr_id: str
+    lr: torch.Tensor  # [3,h,w] in [0,1]
+    hr: torch.Tensor  # [3,H,W] in [0,1]
+    prompt: str | None  # the source image's caption, if any
+
+
+def _hr_sources(cfg: LRSetConfig) -> tuple[list[torch.Tensor], list[str | None]]:
+    if not cfg.hr_dir:
+        return [img for _, img in load_bundled(cfg.split)], []
+    folder = ImageFolder(Path(cfg.hr_dir).expanduser())
+    imgs, prompts = [], []
+    for i in range(len(folder)):
+        img = folder[i]
+        if min(img.shape[-2:]) < cfg.patch:
+            log.warning("skipping %s: %dx%d px is smaller than lr_set.patch=%d", folder.paths[i], img.shape[2], img.shape[1], cfg.patch)
+            continue
+        imgs.append(img)
+        prompts.append(folder.prompt(i))
+    if not imgs:
+        raise ImageError(f"{cfg.hr_dir}: no readable image of at least {cfg.patch}x{cfg.patch} px "
+                         f"(lr_set.patch); add larger HR images or lower lr_set.patch")
+    return imgs, prompts
+
+
+def make_lr_set(cfg: LRSetConfig) -> list[LRItem]:
+    """[(lr_id, lr [3,h,w], hr [3,H,W], prompt)] — same config, same crops and LR bytes."""
     g = torch.Generator().manual_seed(cfg.seed)
-    imgs = [img for _, img in load_bundled(cfg.split)]
-    hr = random_crops(imgs, cfg.n, cfg.patch, g)
+    imgs, prompts = _hr_sources(cfg)
+    hr, source = random_crops_with_source(imgs, cfg.n, cfg.patch, g)
     if cfg.degradation == "realesrgan":
         lr = RealESRGANDegradation(RealESRGANConfig(scale=cfg.scale))(hr, g)
     elif cfg.degradation == "simple":
@@ -45,7 +76,7 @@ def make_lr_set(cfg: LRSetConfig) -> list[tuple[str, torch.Tensor, torch.Tensor]
     else:
         raise ValueError(f"degradation must be 'simple' or 'realesrgan', got {cfg.degradation!r}")
     lr = (lr * 255).round() / 255  # what a PNG round trip keeps
-    return [(f"{cfg.split}{i:04d}", lr[i], hr[i]) for i in range(cfg.n)]
+    return [LRItem(f"{cfg.split}{i:04d}", lr[i], hr[i], prompts[source[i]] if prompts else None) for i in range(cfg.n)]
 
 
 def noise_seed(base: int, lr_id: str, seed: int) -> int:
@@ -74,8 +105,8 @@ def generate(store: CandidateStore, policy: TinyPolicy, cfg: GenerateConfig, pro
     init_if_needed()
     rank, world = rank_world()
     if rank == 0:
-        for lr_id, lr, hr in make_lr_set(cfg.lr_set):
-            store.add_lr(lr_id, lr, hr, split=cfg.lr_set.split)
+        for item in make_lr_set(cfg.lr_set):
+            store.add_lr(item.lr_id, item.lr, item.hr, split=cfg.lr_set.split, prompt=item.prompt)
         store.set_meta("policy", policy.fingerprint())
     barrier()
     fp = policy.fingerprint()
@@ -88,7 +119,8 @@ def generate(store: CandidateStore, policy: TinyPolicy, cfg: GenerateConfig, pro
         if not todo:
             continue
         lr, _ = store.load_lr(lr_id)
-        cond = policy.condition(lr[None])  # once per LR, reused by every chunk
+        # once per LR, reused by every chunk
+        cond = condition_with_prompts(policy, lr[None], batch_prompts(policy, [store.prompt(lr_id)]))
         shape = policy.noise_shape(cond)[1:]
         for seeds in todo:
             noise = candidate_noise(shape, cfg.seed, lr_id, seeds)

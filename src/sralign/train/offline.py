@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from ..config import save_config
 from ..data.store import CandidateStore
 from ..losses import dpo_loss
-from ..policies.base import dsm_noise_shape
+from ..policies.base import batch_prompts, condition_with_prompts, dsm_noise_shape
 from ..policies.tiny import TinyPolicy
 from ..rewards.hybrid import HybridReward
 from .candidates import Pair, build_pairs
@@ -47,6 +47,7 @@ class OfflineTrainer:
             raise ValueError("no preference pairs: every group's candidates scored equal, or the store is empty")
         self._img: dict[int, torch.Tensor] = {}
         self._lr: dict[str, torch.Tensor] = {}
+        self._prompt: dict[str, str | None] = {}
         by_cid = {c.cid: c for c in store.candidates()}
         for p in self.pairs:
             for cid in (p.cid_w, p.cid_l):
@@ -54,6 +55,7 @@ class OfflineTrainer:
                     self._img[cid] = store.read_image(by_cid[cid].path)
             if p.lr_id not in self._lr:
                 self._lr[p.lr_id] = store.load_lr(p.lr_id)[0]
+                self._prompt[p.lr_id] = store.prompt(p.lr_id)
         policy.freeze_reference()
         self.accel = Accel(cfg.mixed_precision)
         opt = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -72,7 +74,8 @@ class OfflineTrainer:
         xw = torch.stack([self._img[b.cid_w] for b in batch]).to(dev)
         xl = torch.stack([self._img[b.cid_l] for b in batch]).to(dev)
         k = len(batch)
-        cond = p.condition(torch.cat([lr, lr]))
+        prompts = batch_prompts(p, [self._prompt[b.lr_id] for b in batch])
+        cond = condition_with_prompts(p, torch.cat([lr, lr]), None if prompts is None else prompts * 2)
         t = self.cfg.t_min + (self.cfg.t_max - self.cfg.t_min) * torch.rand(k, generator=self.gen)
         t = t.clamp_min(1e-3)
         eps = torch.randn(dsm_noise_shape(p, xw), generator=self.gen).to(dev)

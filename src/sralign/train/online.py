@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ..config import save_config
 from ..losses import dgpo_loss, gdpo_loss, group_advantages, group_shared_noise, group_shared_timesteps, grpo_loss
-from ..policies.base import dsm_noise_shape
+from ..policies.base import batch_prompts, condition_with_prompts, dsm_noise_shape
 from ..policies.tiny import TinyPolicy
 from ..rewards.attribute import AttributeReward
 from ..rewards.base import MetricError
@@ -56,7 +56,8 @@ class OnlineTrainer:
         self.policy, self.cfg, self.out = policy, cfg, Path(out)
         self.reward = reward or build_reward(cfg)
         data = make_lr_set(cfg.lr_set)
-        self.ids = [d[0] for d in data]
+        self.ids = [d.lr_id for d in data]
+        self.prompts = [d.prompt for d in data]
         self.lr = torch.stack([d[1] for d in data])
         self.hr = torch.stack([d[2] for d in data])
         policy.freeze_reference()
@@ -187,7 +188,7 @@ class OnlineTrainer:
             for g in self.opt.param_groups:
                 g["lr"] = warmup_lr(step, c.lr, c.warmup)
             idx = torch.randint(len(self.ids), (c.batch_lr,), generator=self.gen).tolist()
-            cond = self.policy.condition(self.lr[idx])
+            cond = condition_with_prompts(self.policy, self.lr[idx], batch_prompts(self.policy, [self.prompts[i] for i in idx]))
             samples = self.rollout(cond, len(idx))
             try:
                 rw = self.score(samples.images, idx)
