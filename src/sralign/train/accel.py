@@ -1,8 +1,14 @@
 """The one code path from one CPU to N GPUs: a thin layer over ``accelerate``.
 
-Trainers wrap the policy's trainable network with ``prepare`` (DDP / FSDP / DeepSpeed as the
-``accelerate`` config says; nothing on one process), call ``backward`` / ``clip``, and save the
-*unwrapped* network so checkpoints look the same whatever the launch.
+Policies keep their own networks unwrapped (a LoRA backend reaches its adapters, configs and
+``disable_adapters()`` directly, also in the middle of a step for ``reference()``), so this
+layer does data parallelism the way DDP does it without wrapping the modules: every rank
+computes gradients on its own batch, and ``sync_and_clip`` averages the trainable parameters'
+gradients over the ranks (one flattened all-reduce) before clipping and the optimizer step.
+The result is DDP's: identical parameters on every rank after every step. accelerate brings the
+process group (torchrun / ``accelerate launch``; gloo on CPUs), the device, mixed precision and
+the prepared optimizer. FSDP and DeepSpeed shard the modules themselves and are refused with a
+clear message: the adapters of a LoRA backend are small enough to replicate.
 """
 
 from __future__ import annotations
@@ -12,6 +18,8 @@ from contextlib import contextmanager
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 
 class Accel:
@@ -22,7 +30,9 @@ class Accel:
         # this, ``torchrun --nproc_per_node 2`` on a machine with no GPU gives 2 unrelated runs
         multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
         self.acc = Accelerator(mixed_precision=mixed_precision, cpu=multi_cpu)
-        self._inner: torch.nn.Module | None = None
+        if self.acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            raise NotImplementedError(f"sralign's trainers replicate the trainable parameters on every rank (DDP-style); "
+                                      f"the accelerate config asks for {self.acc.distributed_type.value}: use a plain multi-GPU config")
 
     @property
     def rank(self) -> int:
@@ -41,29 +51,38 @@ class Accel:
         return self.acc.device
 
     def prepare(self, policy, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-        """Move ``policy`` to the device and wrap its UNet; returns the prepared optimizer."""
+        """Move ``policy`` to the device, start every rank from rank 0's trainable parameters,
+        and return the prepared optimizer."""
         policy.to(self.device)
-        self._inner = policy.model.unet
-        policy.model.unet, optimizer = self.acc.prepare(policy.model.unet, optimizer)
-        return optimizer
-
-    def unwrapped(self) -> torch.nn.Module:
-        return self._inner
+        if self.world > 1:
+            with torch.no_grad():
+                for g in optimizer.param_groups:
+                    for p in g["params"]:
+                        torch.distributed.broadcast(p.data, src=0)
+        return self.acc.prepare(optimizer)
 
     @contextmanager
     def unwrapped_policy(self, policy):
-        """Inside: ``policy.model.unet`` is the plain module (for saving)."""
-        wrapped = policy.model.unet
-        policy.model.unet = self._inner
-        try:
-            yield policy
-        finally:
-            policy.model.unet = wrapped
+        """The policy as it is: its networks are never wrapped (kept for the trainers' saving code)."""
+        yield policy
 
     def backward(self, loss: torch.Tensor) -> None:
         self.acc.backward(loss)
 
-    def clip(self, params, max_norm: float) -> torch.Tensor:
+    def sync_and_clip(self, params, max_norm: float) -> torch.Tensor:
+        """Average the gradients of ``params`` over the ranks (DDP's all-reduce; a parameter with
+        no gradient counts as zero), then clip their global norm. Returns the norm before clipping."""
+        params = list(params)
+        if self.world > 1:
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            grads = [p.grad for p in params]
+            flat = _flatten_dense_tensors(grads)
+            torch.distributed.all_reduce(flat)
+            flat /= self.world
+            for g, avg in zip(grads, _unflatten_dense_tensors(flat, grads)):
+                g.copy_(avg)
         return self.acc.clip_grad_norm_(params, max_norm)
 
     def autocast(self):

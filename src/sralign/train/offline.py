@@ -115,7 +115,7 @@ class OfflineTrainer:
                 acc.backward(loss / cfg.grad_accum)
                 for k, v in {"loss": loss, **stats}.items():
                     agg[k] = agg.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
-            gn = acc.clip(list(self.policy.trainable_parameters()), cfg.grad_clip)
+            gn = acc.sync_and_clip(self.policy.trainable_parameters(), cfg.grad_clip)
             self.opt.step()
             self.step = step + 1
             if logger is not None and step % cfg.log_every == 0:

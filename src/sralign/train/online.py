@@ -200,7 +200,7 @@ class OnlineTrainer:
             adv = group_advantages(rw.total, eps=c.adv_eps)
             self.opt.zero_grad(set_to_none=True)
             loss, st = self.loss(cond, samples, adv)
-            gn = self.accel.clip(list(self.policy.trainable_parameters()), c.grad_clip)
+            gn = self.accel.sync_and_clip(self.policy.trainable_parameters(), c.grad_clip)
             self.opt.step()
             self.step = step + 1
             self._update_ema()
