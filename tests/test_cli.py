@@ -104,3 +104,14 @@ def test_train_and_eval_cli(tmp_path, policy_dir, capsys):
     assert main(["train", "--method", "dp2o", "--out", str(tmp_path / "x")]) == 2
     assert "needs" not in out  # the store error goes to stderr
     assert "--store" in capsys.readouterr().err
+
+
+def test_start_flag_is_saved_with_the_aligned_policy(tmp_path, policy_dir, capsys):
+    from sralign.policies import load_policy
+
+    run = tmp_path / "run"
+    assert main(["train", "--method", "dgpo", "--policy", str(policy_dir), "--start", "0.75", "--out", str(run), "--quiet",
+                 "steps_total=1", "batch_lr=1", "group=3", "lr_set.n=2", "lr_set.patch=32"]) == 0
+    assert load_policy(str(run / "policy")).config.ode_start == 0.75
+    assert main(["generate", "--store", str(tmp_path / "s"), "--policy", str(policy_dir), "--start", "1.5", "--quiet"]) == 2
+    assert "--start must be in (0, 1]" in capsys.readouterr().err

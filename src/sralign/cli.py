@@ -193,7 +193,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------- generate / train / eval
-def _policy(spec: str, model_path: str | None = None):
+def _policy(spec: str, model_path: str | None = None, start: float | None = None):
     from .policies import PolicyLoadError, load_policy
 
     if model_path:
@@ -201,9 +201,16 @@ def _policy(spec: str, model_path: str | None = None):
             raise CLIError("--model-path goes with --policy osediff | controlnet-sd | flux")
         spec = f"{spec}:{model_path}"
     try:
-        return load_policy(spec)
+        policy = load_policy(spec)
     except PolicyLoadError as e:
         raise CLIError(str(e)) from None
+    if start is not None:
+        if not hasattr(getattr(policy, "config", None), "ode_start"):
+            raise CLIError(f"--start sets the tiny policy's ODE start; {type(policy).__name__} has none")
+        if not 0.0 < start <= 1.0:
+            raise CLIError(f"--start must be in (0, 1], got {start}")
+        policy.config.ode_start = start  # saved with the aligned policy, so eval samples the same way
+    return policy
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -226,7 +233,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     barrier()
     if store is None:
         store = CandidateStore(args.store, repair=False)
-    n = generate(store, _policy(args.policy, args.model_path), cfg, progress=not args.quiet)
+    n = generate(store, _policy(args.policy, args.model_path, args.start), cfg, progress=not args.quiet)
     print(f"rank {rank}: {n} new candidates in {args.store}")
     return 0
 
@@ -244,7 +251,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = load_config(DP2OConfig, args.config, [f"method={args.method}", *args.overrides])
         store = CandidateStore(args.store, repair=False)
         try:
-            tr = OfflineTrainer(_policy(args.policy, args.model_path), store, cfg, args.out)
+            tr = OfflineTrainer(_policy(args.policy, args.model_path, args.start), store, cfg, args.out)
         except ValueError as e:
             raise CLIError(str(e)) from None
         tr.train(resume=args.resume, progress=not args.quiet)
@@ -253,7 +260,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from .train.online_config import METHOD_CONFIGS
 
         cfg = load_config(METHOD_CONFIGS[args.method], args.config, args.overrides)
-        OnlineTrainer(_policy(args.policy, args.model_path), cfg, args.out).train(resume=args.resume, progress=not args.quiet)
+        OnlineTrainer(_policy(args.policy, args.model_path, args.start), cfg, args.out).train(resume=args.resume, progress=not args.quiet)
     from .train.distributed import rank_world
 
     if rank_world()[0] == 0:
@@ -348,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     gn.add_argument("--store", required=True)
     gn.add_argument("--policy", default="tiny", help="tiny | a policy folder | osediff / controlnet-sd / flux with --model-path")
     gn.add_argument("--model-path", default=None, help="local diffusers model folder for --policy osediff|controlnet-sd|flux")
+    gn.add_argument("--start", type=float, default=None, help="tiny policy: noise level its ODE starts from (shipped 0.5; 1 = pure noise)")
     gn.add_argument("--m", type=int, default=None, help="candidates per LR (default 16)")
     gn.add_argument("--steps", type=int, default=None)
     gn.add_argument("--sampler", default=None, choices=["ode", "sde", "onestep"])
@@ -363,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--store", default=None, help="candidate store (dp2o, dpo)")
     tr.add_argument("--policy", default="tiny", help="tiny | a policy folder | osediff / controlnet-sd / flux with --model-path")
     tr.add_argument("--model-path", default=None, help="local diffusers model folder for --policy osediff|controlnet-sd|flux")
+    tr.add_argument("--start", type=float, default=None, help="tiny policy: ODE start noise level, saved with the aligned policy")
     tr.add_argument("--out", required=True)
     tr.add_argument("--config", default=None, help="YAML with the method's config fields")
     tr.add_argument("--resume", action="store_true")
