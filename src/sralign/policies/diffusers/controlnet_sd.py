@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ..base import Cond, Samples
 from .loading import PromptEncoder, check_model_folder, check_prompts, load_component, load_ddpm_scheduler, prompt_encoder_or_none, rows_of
-from .lora import LoraPolicyMixin, add_lora
+from .lora import LoraPolicyMixin
 
 
 @dataclass
@@ -50,24 +50,13 @@ class ControlNetSD(LoraPolicyMixin):
     def __init__(self, vae, unet, controlnet, scheduler, config: ControlNetSDConfig | None = None,
                  prompt_embeds: Tensor | None = None, negative_embeds: Tensor | None = None,
                  base_path: str | None = None, device: str | torch.device = "cpu", prompt_encoder: PromptEncoder | None = None):
-        self.config = config or ControlNetSDConfig()
-        self.scale = self.config.scale
-        self.device = torch.device(device)
-        self.base_path = base_path
-        vae.requires_grad_(False).eval()
-        controlnet.requires_grad_(False)
-        add_lora(unet, self.config.lora_rank, self.config.lora_alpha, self.config.lora_targets)
-        if self.config.lora_on_controlnet:
-            add_lora(controlnet, self.config.lora_rank, self.config.lora_alpha, self.config.lora_targets)
+        self._setup(config or ControlNetSDConfig(), device, base_path, prompt_encoder, vae=vae, trained=unet, controlnet=controlnet)
         self.model = _CNModules(vae, unet, controlnet).to(self.device)
         self.alphas_cumprod = scheduler.alphas_cumprod.to(self.device, torch.float32)
         self.vae_scale = float(getattr(vae.config, "scaling_factor", 0.18215))
         cross = unet.config.cross_attention_dim
         self.prompt_embeds = (prompt_embeds if prompt_embeds is not None else torch.zeros(1, 1, cross)).to(self.device)
         self.negative_embeds = (negative_embeds if negative_embeds is not None else torch.zeros_like(self.prompt_embeds)).to(self.device)
-        self.prompt_encoder = prompt_encoder
-        if prompt_encoder is not None:
-            prompt_encoder.device = self.device
 
     @classmethod
     def from_pretrained(cls, path, config: ControlNetSDConfig | None = None, device: str = "cpu") -> "ControlNetSD":
@@ -101,8 +90,7 @@ class ControlNetSD(LoraPolicyMixin):
         self.model.to(self.device)
         for k in ("alphas_cumprod", "prompt_embeds", "negative_embeds"):
             setattr(self, k, getattr(self, k).to(self.device))
-        if self.prompt_encoder is not None:
-            self.prompt_encoder.device = self.device
+        self._place_prompt_encoder()
         return self
 
     # ------------------------------------------------------------------ the contract

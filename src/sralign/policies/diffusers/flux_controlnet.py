@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from ..base import Cond, Samples
 from ..flow import flow_sde_step
 from .loading import PromptEncoder, check_model_folder, check_prompts, load_component, prompt_encoder_or_none, rows_of
-from .lora import LoraPolicyMixin, add_lora
+from .lora import LoraPolicyMixin
 
 
 @dataclass
@@ -75,22 +75,11 @@ class FluxControlNet(LoraPolicyMixin):
     def __init__(self, vae, transformer, controlnet, config: FluxControlNetConfig | None = None,
                  prompt_embeds: Tensor | None = None, pooled: Tensor | None = None, base_path: str | None = None,
                  device: str | torch.device = "cpu", prompt_encoder: PromptEncoder | None = None):
-        self.config = config or FluxControlNetConfig()
-        self.scale = self.config.scale
-        self.device = torch.device(device)
-        self.base_path = base_path
-        vae.requires_grad_(False).eval()
-        controlnet.requires_grad_(False)
-        add_lora(transformer, self.config.lora_rank, self.config.lora_alpha, self.config.lora_targets)
-        if self.config.lora_on_controlnet:
-            add_lora(controlnet, self.config.lora_rank, self.config.lora_alpha, self.config.lora_targets)
+        self._setup(config or FluxControlNetConfig(), device, base_path, prompt_encoder, vae=vae, trained=transformer, controlnet=controlnet)
         self.model = _FluxModules(vae, transformer, controlnet).to(self.device)
         tc = transformer.config
         self.prompt_embeds = (prompt_embeds if prompt_embeds is not None else torch.zeros(1, 1, tc.joint_attention_dim)).to(self.device)
         self.pooled = (pooled if pooled is not None else torch.zeros(1, tc.pooled_projection_dim)).to(self.device)
-        self.prompt_encoder = prompt_encoder
-        if prompt_encoder is not None:
-            prompt_encoder.device = self.device
         self.vae_scale = float(getattr(vae.config, "scaling_factor", 1.0) or 1.0)
         self.vae_shift = float(getattr(vae.config, "shift_factor", 0.0) or 0.0)
 
@@ -130,8 +119,7 @@ class FluxControlNet(LoraPolicyMixin):
         self.device = torch.device(device)
         self.model.to(self.device)
         self.prompt_embeds, self.pooled = self.prompt_embeds.to(self.device), self.pooled.to(self.device)
-        if self.prompt_encoder is not None:
-            self.prompt_encoder.device = self.device
+        self._place_prompt_encoder()
         return self
 
     # ------------------------------------------------------------------ latents

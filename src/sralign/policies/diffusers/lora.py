@@ -54,6 +54,26 @@ class LoraPolicyMixin:
         pol.load(folder)
         return pol
 
+    def _setup(self, config, device, base_path: str | None, prompt_encoder, *, vae: nn.Module, trained: nn.Module,
+               controlnet: nn.Module | None = None) -> None:
+        """What every backend's constructor does: config, scale, device, base path; the VAE (and
+        the ControlNet) frozen; LoRA on the trained network (and on the ControlNet when
+        ``config.lora_on_controlnet``); the prompt encoder placed on the device."""
+        self.config, self.scale, self.device, self.base_path = config, config.scale, torch.device(device), base_path
+        vae.requires_grad_(False).eval()
+        if controlnet is not None:
+            controlnet.requires_grad_(False)
+        add_lora(trained, config.lora_rank, config.lora_alpha, config.lora_targets)
+        if controlnet is not None and getattr(config, "lora_on_controlnet", False):
+            add_lora(controlnet, config.lora_rank, config.lora_alpha, config.lora_targets)
+        self.prompt_encoder = prompt_encoder
+        self._place_prompt_encoder()
+
+    def _place_prompt_encoder(self) -> None:
+        """Embeddings come out on the policy's device (the encoders themselves stay where they are)."""
+        if self.prompt_encoder is not None:
+            self.prompt_encoder.device = self.device
+
     def _lora_modules(self) -> dict[str, nn.Module]:
         raise NotImplementedError
 

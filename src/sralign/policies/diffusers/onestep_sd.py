@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ..base import Cond, Samples
 from .loading import PromptEncoder, check_model_folder, check_prompts, load_component, load_ddpm_scheduler, prompt_encoder_or_none, rows_of
-from .lora import LoraPolicyMixin, add_lora
+from .lora import LoraPolicyMixin
 
 
 @dataclass
@@ -48,12 +48,7 @@ class OneStepSD(LoraPolicyMixin):
 
     def __init__(self, vae, unet, scheduler, config: OneStepSDConfig | None = None, prompt_embeds: Tensor | None = None,
                  base_path: str | None = None, device: str | torch.device = "cpu", prompt_encoder: PromptEncoder | None = None):
-        self.config = config or OneStepSDConfig()
-        self.scale = self.config.scale
-        self.device = torch.device(device)
-        self.base_path = base_path
-        vae.requires_grad_(False).eval()
-        add_lora(unet, self.config.lora_rank, self.config.lora_alpha, self.config.lora_targets)
+        self._setup(config or OneStepSDConfig(), device, base_path, prompt_encoder, vae=vae, trained=unet)
         self.model = _SDModules(vae, unet).to(self.device)
         self.scheduler = scheduler
         self.alphas_cumprod = scheduler.alphas_cumprod.to(self.device, torch.float32)
@@ -62,9 +57,6 @@ class OneStepSD(LoraPolicyMixin):
         if prompt_embeds is None:
             prompt_embeds = torch.zeros(1, 1, cross)  # the "empty" conditioning when no text encoder is given
         self.prompt_embeds = prompt_embeds.to(self.device, torch.float32)
-        self.prompt_encoder = prompt_encoder
-        if prompt_encoder is not None:
-            prompt_encoder.device = self.device
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -93,8 +85,7 @@ class OneStepSD(LoraPolicyMixin):
         self.model.to(self.device)
         self.alphas_cumprod = self.alphas_cumprod.to(self.device)
         self.prompt_embeds = self.prompt_embeds.to(self.device)
-        if self.prompt_encoder is not None:
-            self.prompt_encoder.device = self.device
+        self._place_prompt_encoder()
         return self
 
     # ------------------------------------------------------------------ the contract
