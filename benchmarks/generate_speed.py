@@ -26,14 +26,14 @@ def main() -> None:
     data = make_lr_set(LRSetConfig(n=a.n_lr, patch=64))
     with torch.no_grad():
         t = time.perf_counter()
-        for lr_id, lr, _ in data:
+        for lr_id, lr, *_ in data:
             cond = p.condition(lr[None])
             for s0 in range(0, a.m, a.chunk):
                 seeds = list(range(s0, min(a.m, s0 + a.chunk)))
                 p.sample(cond, candidate_noise((3, 64, 64), 0, lr_id, seeds), steps=a.steps)
         tb = time.perf_counter() - t
         t = time.perf_counter()
-        for lr_id, lr, _ in data:
+        for lr_id, lr, *_ in data:
             for s in range(a.m):
                 cond = p.condition(lr[None])
                 p.sample(cond, candidate_noise((3, 64, 64), 0, lr_id, [s]), steps=a.steps)

@@ -58,8 +58,8 @@ class OnlineTrainer:
         data = make_lr_set(cfg.lr_set)
         self.ids = [d.lr_id for d in data]
         self.prompts = [d.prompt for d in data]
-        self.lr = torch.stack([d[1] for d in data])
-        self.hr = torch.stack([d[2] for d in data])
+        self.lr = torch.stack([d.lr for d in data])
+        self.hr = torch.stack([d.hr for d in data])
         policy.freeze_reference()
         self.accel = Accel()
         opt = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
