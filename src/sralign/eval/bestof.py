@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..policies.base import SRPolicy, batch_prompts, condition_with_prompts
+from ..policies.base import SRPolicy, condition_captioned
 from ..rewards.hybrid import HybridReward, score_group
 from ..rewards.registry import get_metric
 from ..train.candidates import candidate_noise
@@ -28,7 +28,7 @@ def sample_groups(policy: SRPolicy, lr: Tensor, m: int, *, sampler: str = "ode",
     ids = ids or [f"eval{i:04d}" for i in range(lr.shape[0])]
     out = []
     for i in tqdm(range(lr.shape[0]), desc=desc, disable=not progress):
-        cond = condition_with_prompts(policy, lr[i : i + 1], batch_prompts(policy, [prompts[i]]) if prompts else None)
+        cond = condition_captioned(policy, lr[i : i + 1], [prompts[i]] if prompts else None)
         shape = policy.noise_shape(cond)[1:]
         imgs = []
         for s0 in range(0, m, chunk):

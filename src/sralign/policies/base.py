@@ -148,12 +148,11 @@ def condition_with_prompts(policy: SRPolicy, lr: Tensor, prompts: list[str] | No
     return policy.condition(lr, prompts=prompts)
 
 
-def batch_prompts(policy: SRPolicy, texts: list[str | None]) -> list[str] | None:
-    """Per-image prompts for one batch: the captions ``texts``, with the policy's own configured
-    prompt where an image has none; None when the policy takes no text or no image has a caption
-    (then ``condition`` uses the policy's configured prompt for every row)."""
-    if getattr(policy, "prompt_encoder", None) is None or all(t is None for t in texts):
-        return None
+def condition_captioned(policy: SRPolicy, lr: Tensor, captions: list[str | None] | None) -> Cond:
+    """``policy.condition(lr)`` for a batch whose images may carry captions (one per row of ``lr``,
+    or None): text-conditioned policies get the captions, with their own configured prompt where
+    an image has none; other policies, and batches without any caption, are conditioned as usual."""
+    if captions is None or getattr(policy, "prompt_encoder", None) is None or all(t is None for t in captions):
+        return policy.condition(lr)
     default = getattr(getattr(policy, "config", None), "prompt", "")
-    return [default if t is None else t for t in texts]
-
+    return policy.condition(lr, prompts=[default if t is None else t for t in captions])

@@ -14,7 +14,6 @@ clear message: the adapters of a LoRA backend are small enough to replicate.
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 
 import torch
 from accelerate import Accelerator
@@ -60,11 +59,6 @@ class Accel:
                     for p in g["params"]:
                         torch.distributed.broadcast(p.data, src=0)
         return self.acc.prepare(optimizer)
-
-    @contextmanager
-    def unwrapped_policy(self, policy):
-        """The policy as it is: its networks are never wrapped (kept for the trainers' saving code)."""
-        yield policy
 
     def backward(self, loss: torch.Tensor) -> None:
         self.acc.backward(loss)

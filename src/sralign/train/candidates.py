@@ -15,7 +15,7 @@ from ..data.degradation import RealESRGANConfig, RealESRGANDegradation, SimpleDe
 from ..data.images import ImageError, ImageFolder, load_bundled, random_crops_with_source
 from ..data.store import CandidateStore
 from ..losses import dp2o_pairs, hpo_weights
-from ..policies.base import batch_prompts, condition_with_prompts
+from ..policies.base import condition_captioned
 from ..policies.tiny import TinyPolicy
 from ..rewards.hybrid import HybridReward
 from ..rewards.registry import get_metric
@@ -120,7 +120,7 @@ def generate(store: CandidateStore, policy: TinyPolicy, cfg: GenerateConfig, pro
             continue
         lr, _ = store.load_lr(lr_id)
         # once per LR, reused by every chunk
-        cond = condition_with_prompts(policy, lr[None], batch_prompts(policy, [store.prompt(lr_id)]))
+        cond = condition_captioned(policy, lr[None], [store.prompt(lr_id)])
         shape = policy.noise_shape(cond)[1:]
         for seeds in todo:
             noise = candidate_noise(shape, cfg.seed, lr_id, seeds)

@@ -89,8 +89,11 @@ def load_training_state(
     modules: dict[str, torch.nn.Module | dict[str, torch.Tensor]],
     optimizer: torch.optim.Optimizer | None,
     generators: dict[str, torch.Generator] | None = None,
+    rank: int = 0,
 ) -> dict[str, Any]:
-    """Restore what ``save_training_state`` wrote; returns the meta dict (``step``, ``extra``)."""
+    """Restore what ``save_training_state`` wrote; returns the meta dict (``step``, ``extra``).
+    ``generators`` come from this ``rank``'s own file when it matches the checkpoint's step
+    (``save_rank_generators``), else from ``state.json`` (rank 0's)."""
     folder = Path(folder)
     meta = json.loads((folder / "state.json").read_text())
     tensors = load_file(str(folder / "state.safetensors"))
@@ -112,6 +115,8 @@ def load_training_state(
     set_rng_state(meta["rng"])
     for k, g in (generators or {}).items():
         g.set_state(torch.tensor(meta["generators"][k], dtype=torch.uint8))
+    if generators:
+        load_rank_generators(folder, meta["step"], rank, generators)
     return meta
 
 

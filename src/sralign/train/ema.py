@@ -46,6 +46,3 @@ class ParamEMA:
             with torch.no_grad():
                 for k, p in self.params.items():
                     p.copy_(trained[k])
-
-    def num_parameters(self) -> int:
-        return sum(v.numel() for v in self.state.values())

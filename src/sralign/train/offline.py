@@ -19,12 +19,12 @@ from tqdm.auto import tqdm
 from ..config import save_config
 from ..data.store import CandidateStore
 from ..losses import dpo_loss
-from ..policies.base import batch_prompts, condition_with_prompts, dsm_noise_shape
+from ..policies.base import condition_captioned, dsm_noise_shape
 from ..policies.tiny import TinyPolicy
 from ..rewards.hybrid import HybridReward
 from .candidates import Pair, build_pairs
 from .accel import Accel
-from .checkpoint import has_checkpoint, load_rank_generators, load_training_state, save_rank_generators, save_training_state
+from .checkpoint import has_checkpoint, load_training_state, save_rank_generators, save_training_state
 from .ema import trainable_named_parameters
 from .logging_utils import MetricLogger
 from .offline_config import DP2OConfig
@@ -61,8 +61,7 @@ class OfflineTrainer:
         opt = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.opt = self.accel.prepare(policy, opt)
         # checkpoints hold what trains (LoRA adapters on a diffusers backend), not the frozen base
-        with self.accel.unwrapped_policy(policy) as pol:
-            self.trained = trainable_named_parameters(pol.model, policy.trainable_parameters())
+        self.trained = trainable_named_parameters(policy.model, policy.trainable_parameters())
         # each rank draws its own pairs; one process reproduces the seed exactly
         self.gen = torch.Generator().manual_seed(cfg.seed + 1_000_003 * self.accel.rank)
         self.step = 0
@@ -74,8 +73,8 @@ class OfflineTrainer:
         xw = torch.stack([self._img[b.cid_w] for b in batch]).to(dev)
         xl = torch.stack([self._img[b.cid_l] for b in batch]).to(dev)
         k = len(batch)
-        prompts = batch_prompts(p, [self._prompt[b.lr_id] for b in batch])
-        cond = condition_with_prompts(p, torch.cat([lr, lr]), None if prompts is None else prompts * 2)
+        captions = [self._prompt[b.lr_id] for b in batch]
+        cond = condition_captioned(p, torch.cat([lr, lr]), captions * 2)
         t = self.cfg.t_min + (self.cfg.t_max - self.cfg.t_min) * torch.rand(k, generator=self.gen)
         t = t.clamp_min(1e-3)
         eps = torch.randn(dsm_noise_shape(p, xw), generator=self.gen).to(dev)
@@ -95,9 +94,8 @@ class OfflineTrainer:
         ck = out / "checkpoint"
         acc = self.accel
         if resume and has_checkpoint(ck):
-            meta = load_training_state(ck, {"trained": self.trained}, self.opt, {"data": self.gen})
+            meta = load_training_state(ck, {"trained": self.trained}, self.opt, {"data": self.gen}, acc.rank)
             self.step = meta["step"]
-            load_rank_generators(ck, self.step, acc.rank, {"data": self.gen})
             log.info("resumed at step %d", self.step)
         logger = MetricLogger(out, resume_step=self.step if resume else None) if acc.is_main else None
         if acc.is_main:
@@ -129,6 +127,5 @@ class OfflineTrainer:
         acc.wait()
         if acc.is_main:
             logger.close()
-            with acc.unwrapped_policy(self.policy) as pol:
-                pol.save(out / "policy")
+            self.policy.save(out / "policy")
         return self.policy

@@ -19,14 +19,14 @@ from tqdm.auto import tqdm
 
 from ..config import save_config
 from ..losses import dgpo_loss, gdpo_loss, group_advantages, group_shared_noise, group_shared_timesteps, grpo_loss
-from ..policies.base import batch_prompts, condition_with_prompts, dsm_noise_shape
+from ..policies.base import condition_captioned, dsm_noise_shape
 from ..policies.tiny import TinyPolicy
 from ..rewards.attribute import AttributeReward
 from ..rewards.base import MetricError
 from ..rewards.hybrid import HybridReward
 from .candidates import make_lr_set
 from .accel import Accel
-from .checkpoint import has_checkpoint, load_rank_generators, load_training_state, save_rank_generators, save_training_state
+from .checkpoint import has_checkpoint, load_training_state, save_rank_generators, save_training_state
 from .ema import ParamEMA, trainable_named_parameters
 from .logging_utils import MetricLogger
 from .offline import warmup_lr
@@ -65,8 +65,7 @@ class OnlineTrainer:
         opt = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.opt = self.accel.prepare(policy, opt)
         # what trains (LoRA adapters on a diffusers backend): checkpointed, and averaged for rollouts
-        with self.accel.unwrapped_policy(policy) as pol:
-            self.trained = trainable_named_parameters(pol.model, policy.trainable_parameters())
+        self.trained = trainable_named_parameters(policy.model, policy.trainable_parameters())
         self.ema = ParamEMA(self.trained)
         self.lr, self.hr = self.lr.to(self.accel.device), self.hr.to(self.accel.device)
         # each rank rolls out its own LR batch; one process reproduces the seed exactly
@@ -175,9 +174,8 @@ class OnlineTrainer:
         save_config(c, out / "config.yaml")
         ck = out / "checkpoint"
         if resume and has_checkpoint(ck):
-            meta = load_training_state(ck, {"trained": self.trained, "ema": self.ema.state}, self.opt, {"data": self.gen})
+            meta = load_training_state(ck, {"trained": self.trained, "ema": self.ema.state}, self.opt, {"data": self.gen}, self.accel.rank)
             self.step = meta["step"]
-            load_rank_generators(ck, self.step, self.accel.rank, {"data": self.gen})
             self.reward_evals = meta["extra"]["reward_evals"]
             self.elapsed = meta["extra"]["elapsed"]
         main = self.accel.is_main
@@ -188,7 +186,7 @@ class OnlineTrainer:
             for g in self.opt.param_groups:
                 g["lr"] = warmup_lr(step, c.lr, c.warmup)
             idx = torch.randint(len(self.ids), (c.batch_lr,), generator=self.gen).tolist()
-            cond = condition_with_prompts(self.policy, self.lr[idx], batch_prompts(self.policy, [self.prompts[i] for i in idx]))
+            cond = condition_captioned(self.policy, self.lr[idx], [self.prompts[i] for i in idx])
             samples = self.rollout(cond, len(idx))
             try:
                 rw = self.score(samples.images, idx)
@@ -223,6 +221,5 @@ class OnlineTrainer:
         self.accel.wait()
         if main:
             logger.close()
-            with self.accel.unwrapped_policy(self.policy) as pol:
-                pol.save(out / "policy")
+            self.policy.save(out / "policy")
         return self.policy

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ..base import Cond, Samples
 from ..flow import flow_sde_step
-from .loading import PromptEncoder, check_model_folder, check_prompts, load_component, prompt_encoder_or_none, rows_of
+from .loading import PromptEncoder, check_model_folder, load_component, prompt_encoder_or_none, rows_of
 from .lora import LoraPolicyMixin
 
 
@@ -142,12 +142,10 @@ class FluxControlNet(LoraPolicyMixin):
     # ------------------------------------------------------------------ the contract
     def condition(self, lr: Tensor, prompts: list[str] | None = None) -> Cond:
         """Encode LR [B,3,h,w]; ``prompts`` (one per image) replace the config's prompt for these rows."""
-        check_prompts(prompts, lr.shape[0], self.prompt_encoder, self.base_path)
+        text = self._text_features(prompts, lr.shape[0])  # checked before any encoding
         lr = lr.to(self.device, torch.float32)
         lr_up = F.interpolate(lr, scale_factor=self.scale, mode="bicubic", align_corners=False).clamp(0, 1)
-        feats = {"control": pack(self._encode(lr_up))}
-        if prompts is not None:
-            feats.update(self.prompt_encoder(prompts))
+        feats = {"control": pack(self._encode(lr_up)), **text}
         return Cond(lr=lr, lr_up=lr_up, features=feats)
 
     def noise_shape(self, cond: Cond, group: int = 1) -> tuple[int, ...]:

@@ -69,6 +69,14 @@ class LoraPolicyMixin:
         self.prompt_encoder = prompt_encoder
         self._place_prompt_encoder()
 
+    def _text_features(self, prompts: list[str] | None, batch: int) -> dict[str, Tensor]:
+        """Cond features for per-image ``prompts`` (one per LR image; None: none, the configured
+        prompt applies), checked and encoded with the folder's own text encoder(s)."""
+        from .loading import check_prompts
+
+        check_prompts(prompts, batch, self.prompt_encoder, self.base_path)
+        return {} if prompts is None else self.prompt_encoder(prompts)
+
     def _place_prompt_encoder(self) -> None:
         """Embeddings come out on the policy's device (the encoders themselves stay where they are)."""
         if self.prompt_encoder is not None:
