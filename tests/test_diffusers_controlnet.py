@@ -37,7 +37,7 @@ def test_samplers_sizes_seeds_logprobs_and_reference(cn_folder):
     assert a.shape == (2, 3, 32, 32) and s.images.shape == (2, 3, 32, 32) and s.log_probs.shape == (2, 3)
     assert (a - b).abs().mean() > 1e-4
     assert torch.equal(ref, base) and not torch.allclose(moved, base)
-    with pytest.raises(ValueError, match="'ode' or 'sde'"):
+    with pytest.raises(ValueError, match="'ode', 'sde', 'ddpm'"):
         pol.sample(cond, n1, sampler="onestep")
 
 
