@@ -23,6 +23,7 @@ from ...config import ranged
 from ..base import Cond, Samples
 from .loading import PromptEncoder, check_model_folder, load_component, prompt_encoder_or_none, rows_of
 from .lora import LoraPolicyMixin
+from .presets import Preset
 from .sd_schedule import DDIM, DDPM, SDSchedule, gaussian_log_prob, read_scheduler_config
 from .upsample import UPSAMPLERS, upsample
 
@@ -45,6 +46,16 @@ class ControlNetSDConfig:
     lora_on_controlnet: bool = False
     prompt: str = ""
     negative_prompt: str = ""
+
+
+PRESETS = {
+    "c-sd2": Preset(
+        backend="controlnet-sd", paper="DP²O-SR C-SD2 / DP²O-SD2 (test_sd2b_controlnet.py)",
+        config=dict(guidance_scale=3.5, negative_prompt="dotted, noise, blur, lowres, smooth", controlnet_scale=1.0,
+                    resize="pil-bicubic", dtype="fp16", vae_dtype="fp32"),
+        sampler="ddpm", steps=50, colorfix="adain", prompt_template="{tags}",
+        notes="StableDiffusionControlNetPipeline with the folder's DDPMScheduler; prompt = RAM/DAPE tags"),
+}
 
 
 class _CNModules(nn.Module):

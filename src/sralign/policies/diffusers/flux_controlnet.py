@@ -38,6 +38,7 @@ from ..flow import flow_sde_step
 from ..tiny import PolicyLoadError
 from .loading import PromptEncoder, check_model_folder, load_component, prompt_encoder_or_none, rows_of
 from .lora import LoraPolicyMixin
+from .presets import Preset
 from .upsample import UPSAMPLERS, upsample
 
 # FLUX.1-dev's scheduler/scheduler_config.json: what a folder without scheduler/ gets
@@ -90,6 +91,16 @@ class FluxControlNetConfig:
     lora_on_controlnet: bool = False
     prompt: str = ""
     max_sequence_length: int = 512  # T5 tokens (FLUX.1-dev 512, schnell 256)
+
+
+PRESETS = {
+    "c-flux": Preset(
+        backend="flux", paper="DP²O-SR C-FLUX / DP²O-FLUX (test_flux_controlnet.py)",
+        config=dict(guidance_scale=2.5, controlnet_scale=1.0, resize="pil-bicubic", control_latent="sample", dtype="fp16",
+                    vae_dtype="fp32"),
+        sampler="ode", steps=25, colorfix="adain", prompt_template="{tags}",
+        notes="FluxControlNetPipeline, FLUX.1-dev's scheduler (dynamic shift); prompt = RAM/DAPE tags"),
+}
 
 
 class _FluxModules(nn.Module):

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from ..base import Cond, Samples
 from .loading import PromptEncoder, check_model_folder, load_component, load_ddpm_scheduler, prompt_encoder_or_none, rows_of
 from .lora import LoraPolicyMixin
+from .presets import Preset
 
 
 @dataclass
@@ -33,6 +34,16 @@ class OneStepSDConfig:
     lora_alpha: float = 4.0
     lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     prompt: str = ""
+
+
+PRESETS = {
+    "osediff": Preset(backend="osediff", paper="OSEDiff (test_osediff.py)", config=dict(t_noise=0.0, t_diff=0.999, dtype="fp16", vae_dtype="fp16"),
+                      sampler="onestep", steps=1, colorfix="adain", prompt_template="{tags}, {prompt},",
+                      notes="no noise added, UNet at t = 999; prompt = DAPE tags"),
+    "gdpo-sr": Preset(backend="osediff", paper="GDPO-SR / NAOSD (GDPOSR/inferences/test.py)", config=dict(t_noise=0.25, t_diff=0.10),
+                      sampler="onestep", steps=1, colorfix="adain", prompt_template="{tags}, {prompt},",
+                      prompt="clean, high-resolution, 8k", notes="noise added at 250, UNet at 100; prompt = DAPE tags"),
+}
 
 
 class _SDModules(nn.Module):
