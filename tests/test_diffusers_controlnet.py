@@ -232,3 +232,23 @@ def test_presets_registry_and_cli_sampler_choices():
     for name, pre in p.items():
         assert set(pre.config) <= {f.name for f in dataclasses.fields(fields[pre.backend])} | ckpt_fields, name
         assert f"`{name}`" in presets_table()
+
+
+def test_grpo_trains_on_ddpm_rollouts(cn_folder, tmp_path):
+    """GRPO with sampler=ddpm rolls out C-SD2's ancestral sampler and trains the LoRA on its
+    stochastic steps (the deterministic last step carries no gradient)."""
+    from diffusers_helpers import METRICS
+    from sralign.train.candidates import LRSetConfig
+    from sralign.train.online import OnlineTrainer
+    from sralign.train.online_config import GRPOConfig
+
+    pol = ControlNetSD.from_pretrained(cn_folder)
+    before = snapshot(pol)
+    seen = []
+    sample = pol.sample
+    pol.sample = lambda *a, **k: seen.append(k.get("sampler")) or sample(*a, **k)
+    cfg = GRPOConfig(steps=2, sampler="ddpm", clip_range=0.2, steps_total=1, batch_lr=1, group=3, rollout_from="policy", **METRICS)
+    cfg.lr_set = LRSetConfig(n=2, patch=32)
+    OnlineTrainer(pol, cfg, tmp_path / "grpo").train(progress=False)
+    assert seen == ["ddpm"]
+    assert_only_lora_changed(pol, before)
