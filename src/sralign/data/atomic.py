@@ -27,6 +27,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], suffix: 
             break
         except FileExistsError:  # pragma: no cover - 64 random bits
             continue
+        except PermissionError as e:  # name the file the user asked for, not the temp name
+            raise PermissionError(e.errno, e.strerror, str(p)) from None
     os.close(fd)
     try:
         write(str(tmp))

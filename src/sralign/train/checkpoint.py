@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..config import to_dict
@@ -65,6 +65,7 @@ def check_resume(out: str | Path, cfg: Any) -> None:
         more = f" (and {len(diff) - 3} more)" if len(diff) > 3 else ""
         raise CheckpointError(f"--resume: config differs from the run's {f}: {shown}{more}; resume with the run's "
                               f"values (only {', '.join(sorted(RESUME_MAY_CHANGE))} may change) or start a new run in another --out")
+    check_checkpoint_files(out / "checkpoint")
 
 
 def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -138,6 +139,33 @@ def save_training_state(
     return folder
 
 
+def _fix(folder: Path) -> str:
+    return f"restore it, or delete {folder} to start the run over"
+
+
+def _read_meta(folder: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+        if not isinstance(meta, dict) or not isinstance(meta.get("step"), int) or "rng" not in meta:
+            raise ValueError("step or rng state missing")
+    except (ValueError, UnicodeDecodeError, OSError) as e:  # JSONDecodeError is a ValueError
+        raise CheckpointError(f"{folder / 'state.json'} is corrupt ({e}); {_fix(folder)}") from None
+    return meta
+
+
+def check_checkpoint_files(folder: str | Path) -> int:
+    """Cheap integrity check of a checkpoint (``state.json`` parses, the safetensors header
+    reads) before anything is rewritten; returns its step. ``CheckpointError`` naming the file."""
+    folder = Path(folder)
+    meta = _read_meta(folder)
+    try:
+        with safe_open(str(folder / "state.safetensors"), "pt") as f:
+            f.keys()
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{folder / 'state.safetensors'} is missing or corrupt ({e}); {_fix(folder)}") from None
+    return meta["step"]
+
+
 def load_training_state(
     folder: str | Path,
     modules: dict[str, torch.nn.Module | dict[str, torch.Tensor]],
@@ -149,13 +177,8 @@ def load_training_state(
     ``generators`` come from this ``rank``'s own file when it matches the checkpoint's step
     (``save_rank_generators``), else from ``state.json`` (rank 0's)."""
     folder = Path(folder)
-    fix = f"restore it, or delete {folder} to start the run over"
-    try:
-        meta = json.loads((folder / "state.json").read_text(encoding="utf-8"))
-        if not isinstance(meta, dict) or not isinstance(meta.get("step"), int) or "rng" not in meta:
-            raise ValueError("step or rng state missing")
-    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
-        raise CheckpointError(f"{folder / 'state.json'} is corrupt ({e}); {fix}") from None
+    fix = _fix(folder)
+    meta = _read_meta(folder)
     try:
         tensors = load_file(str(folder / "state.safetensors"))
     except (SafetensorError, OSError) as e:
