@@ -429,3 +429,12 @@ def test_malformed_store_index_is_a_one_line_error(tmp_path, policy_dir):
         (line,) = [l for l in r.stderr.splitlines() if "error" in l]
         assert "index.sqlite" in line, line
     assert _snapshot(store) == before and not (tmp_path / "run").exists()
+
+
+def test_score_store_checks_metric_names_before_opening_the_store(tmp_path, capsys):
+    d = tmp_path / "mydata"
+    d.mkdir()
+    (d / "cat.txt").write_text("mine")
+    assert main(["score", "--store", str(d), "--metrics", "psnr,brisqe"]) == 2
+    _one_line_error(capsys, "unknown metric 'brisqe'", "valid: brisque")
+    assert sorted(p.name for p in d.iterdir()) == ["cat.txt"]  # nothing created or removed

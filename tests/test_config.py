@@ -178,3 +178,10 @@ def test_unreadable_config_files_and_overrides(tmp_path):
         load_config(DP2OConfig, None, ["fr_metrics=[psnr"])
     with pytest.raises(ConfigError, match="lr_set is not a section"):
         load_config(DGPOConfig, None, ["lr_set=3", "lr_set.n=2"])
+
+
+def test_degradation_kernel_names_are_checked():
+    with pytest.raises(ConfigError, match=r"kernel_list names unknown kernel\(s\) \['box'\]; valid: iso"):
+        load_config(RealESRGANConfig, None, ["kernel_list=[iso, box]", "kernel_prob=[0.5, 0.5]"])
+    with pytest.raises(ConfigError, match="one weight per entry"):
+        load_config(RealESRGANConfig, None, ["kernel_list=[iso]"])

@@ -281,3 +281,11 @@ def test_configs_built_in_code_are_checked_where_work_starts(tmp_path, policy_di
     with pytest.raises(ConfigError, match="m must be in"):
         run_eval({"x": policy_dir}, EvalConfig(m=0), tmp_path / "d", progress=False)
     assert not any((tmp_path / d).exists() for d in "abcd")
+
+
+def test_n_larger_than_half_of_m_fails_before_the_run_folder(tmp_path, scored_store, policy_dir, capsys):  # noqa: F811
+    run = tmp_path / "run"
+    rc = main(["train", "--method", "dp2o", "--store", str(scored_store), "--policy", str(policy_dir), "--out", str(run), "--quiet", "n=5"])
+    line = _err_line(capsys)
+    assert rc == 2 and "2N <= M" in line and "N=5, M=8" in line
+    assert not run.exists()

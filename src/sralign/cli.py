@@ -203,10 +203,14 @@ def cmd_score(args: argparse.Namespace) -> int:
     from .rewards.registry import get_metric
 
     if args.store:
+        from .config import check_metric_names
         from .train.candidates import score_store
         from .data.store import CandidateStore
 
         names = [n.strip() for n in args.metrics.split(",") if n.strip()]
+        bad = check_metric_names("--metrics", names) if names else "--metrics names no metric; e.g. --metrics psnr,brisque"
+        if bad:  # before the store is opened
+            raise CLIError(bad)
         try:
             n = score_store(CandidateStore(args.store), names, progress=not args.quiet)
         except (MetricError, ValueError) as e:

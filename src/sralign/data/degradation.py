@@ -80,6 +80,10 @@ class RealESRGANConfig:
             v = getattr(self, k)
             if any(x < 0 for x in v) or sum(v) <= 0:
                 return f"{k} {list(v)} must be non-negative weights with a positive sum"
+        for k in ("kernel_list", "kernel_list2"):
+            bad = [x for x in getattr(self, k) if x not in KERNEL_TYPES]
+            if bad:
+                return f"{k} names unknown kernel(s) {bad}; valid: {', '.join(KERNEL_TYPES)}"
         if len(self.kernel_prob) != len(self.kernel_list) or len(self.kernel_prob2) != len(self.kernel_list2):
             return "kernel_prob / kernel_prob2 need one weight per entry of kernel_list / kernel_list2"
         return None
