@@ -36,7 +36,8 @@ def check_precision(config) -> None:
 
 def set_precision(frozen: nn.Module, dtype: torch.dtype) -> None:
     """Store ``frozen``'s weights in ``dtype`` and its trainable parameters (LoRA) in fp32."""
-    frozen.to(dtype)
+    if any(p.dtype != dtype for p in frozen.parameters() if not p.requires_grad):
+        frozen.to(dtype)  # (diffusers warns on every .to(dtype), so only when something changes)
     for p in frozen.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
