@@ -14,6 +14,17 @@ def cn_folder(tmp_path_factory):
     return d
 
 
+@pytest.fixture(scope="module")
+def cn_text_folder(tmp_path_factory):
+    """With a text encoder: C-SD2's preset configures a negative prompt, which needs one."""
+    from diffusers_helpers import write_clip_text_encoder
+
+    d = tmp_path_factory.mktemp("cntext") / "tiny-cn"
+    write_tiny_controlnet_sd(d)
+    write_clip_text_encoder(d, hidden=16)
+    return d
+
+
 def test_samplers_sizes_seeds_logprobs_and_reference(cn_folder):
     pol = ControlNetSD.from_pretrained(cn_folder)
     cond = pol.condition(torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0)))
@@ -161,7 +172,7 @@ def test_pil_bicubic_upsampling_is_keys_a_minus_half():
     assert float((up - torch_up)[..., 8:16, 8:16].abs().max()) > 2 / 255
 
 
-def test_c_sd2_preset_settings_precedence_and_errors(cn_folder, tmp_path, capsys):
+def test_c_sd2_preset_settings_precedence_and_errors(cn_text_folder, tmp_path, capsys):
     """--preset c-sd2 sets the paper's values; YAML beats the preset, policy.KEY=VALUE beats YAML,
     --dtype beats all; an unknown key or a preset on the tiny policy is a one-line error."""
     from sralign.cli import main
@@ -170,7 +181,7 @@ def test_c_sd2_preset_settings_precedence_and_errors(cn_folder, tmp_path, capsys
 
     yml = tmp_path / "policy.yaml"
     yml.write_text("guidance_scale: 5.0\ncontrolnet_scale: 0.5\n")
-    pol = load_policy_with_settings(None, str(cn_folder), preset="c-sd2", policy_config=str(yml), overrides=["guidance_scale=2.0"], dtype="fp32")
+    pol = load_policy_with_settings(None, str(cn_text_folder), preset="c-sd2", policy_config=str(yml), overrides=["guidance_scale=2.0"], dtype="fp32")
     c = pol.config
     assert (c.guidance_scale, c.controlnet_scale, c.dtype) == (2.0, 0.5, "fp32")
     assert (c.negative_prompt, c.resize, c.vae_dtype) == ("dotted, noise, blur, lowres, smooth", "pil-bicubic", "fp32")
@@ -182,29 +193,29 @@ def test_c_sd2_preset_settings_precedence_and_errors(cn_folder, tmp_path, capsys
     lr = tmp_path / "lr.png"
     save_image(torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(0)), lr)
     out = tmp_path / "sr.png"
-    assert main(["sr", str(lr), str(out), "--preset", "c-sd2", "--model-path", str(cn_folder), "--steps", "2", "--dtype", "fp32",
+    assert main(["sr", str(lr), str(out), "--preset", "c-sd2", "--model-path", str(cn_text_folder), "--steps", "2", "--dtype", "fp32",
                  "--quiet", "policy.guidance_scale=2.0"]) == 0
     from sralign.data.images import load_image
 
     assert load_image(out).shape == (3, 32, 32)
     capsys.readouterr()
-    assert main(["sr", str(lr), str(tmp_path / "x.png"), "--preset", "c-sd2", "--model-path", str(cn_folder), "policy.guidance=2"]) == 2
+    assert main(["sr", str(lr), str(tmp_path / "x.png"), "--preset", "c-sd2", "--model-path", str(cn_text_folder), "policy.guidance=2"]) == 2
     err = capsys.readouterr().err.strip()
     assert "guidance" in err and "valid keys" in err and "guidance_scale" in err and len(err.splitlines()) == 1
     assert main(["sr", str(lr), str(tmp_path / "y.png"), "--preset", "c-sd2"]) == 2
     assert "tiny policy" in capsys.readouterr().err
-    assert main(["sr", str(lr), str(tmp_path / "z.png"), "--preset", "nope", "--model-path", str(cn_folder)]) == 2
+    assert main(["sr", str(lr), str(tmp_path / "z.png"), "--preset", "nope", "--model-path", str(cn_text_folder)]) == 2
     assert "c-sd2" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists() and not (tmp_path / "y.png").exists()
 
 
-def test_generate_with_preset_samples_ddpm(cn_folder, tmp_path):
+def test_generate_with_preset_samples_ddpm(cn_text_folder, tmp_path):
     """generate --preset c-sd2 takes the preset's sampler (ddpm) unless a flag says otherwise;
     the same seed gives the same candidate (the per-step noise is seeded)."""
     from sralign.cli import main
     from sralign.data.store import CandidateStore
 
-    args = ["generate", "--preset", "c-sd2", "--model-path", str(cn_folder), "--dtype", "fp32", "--m", "2", "--steps", "2",
+    args = ["generate", "--preset", "c-sd2", "--model-path", str(cn_text_folder), "--dtype", "fp32", "--m", "2", "--steps", "2",
             "--n-lr", "1", "--quiet", "lr_set.patch=32", "policy.guidance_scale=1.0"]
     assert main([*args, "--store", str(tmp_path / "a")]) == 0
     assert main([*args, "--store", str(tmp_path / "b")]) == 0

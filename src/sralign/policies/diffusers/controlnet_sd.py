@@ -6,8 +6,9 @@ authors' C-SD2 inference), the stochastic ones with per-step Gaussian log-probs 
 prompt when ``guidance_scale`` > 1 (as diffusers); peft LoRA on the UNet (optionally on the
 ControlNet). ``reference()`` disables the adapters.
 
-Folder layout (local, ``local_files_only``): ``vae/``, ``unet/``, optional ``controlnet/`` (else
-initialised from the UNet, as DP²O-SR does), optional ``scheduler/`` (else SD 2-base's
+Folder layout (local, ``local_files_only``): ``vae/``, ``unet/``, ``controlnet/`` (a published bare
+state dict becomes one with ``sralign convert sd-controlnet``; ``fresh_controlnet`` initialises
+one from the UNet instead, for training from scratch), optional ``scheduler/`` (else SD 2-base's
 schedule), optional ``text_encoder/`` + ``tokenizer/``.
 """
 
@@ -21,7 +22,9 @@ from torch import Tensor, nn
 
 from ...config import ranged
 from ..base import Cond, Samples
-from .loading import PromptEncoder, check_model_folder, load_component, prompt_encoder_or_none, rows_of
+from ..tiny import PolicyLoadError
+from .loading import (DTYPES, PromptEncoder, check_model_folder, check_precision, check_text_source, load_component,
+                      prompt_encoder_or_none, rows_of, torch_dtype)
 from .lora import LoraPolicyMixin
 from .presets import Preset
 from .sd_schedule import DDIM, DDPM, SDSchedule, gaussian_log_prob, read_scheduler_config
@@ -37,15 +40,16 @@ class ControlNetSDConfig:
     controlnet_scale: float = 1.0  # the ControlNet residuals' weight (diffusers' controlnet_conditioning_scale)
     sde_noise_level: float = ranged(1.0, ge=0)  # DDIM η of the sde sampler
     resize: str = ranged("bicubic", choices=UPSAMPLERS)  # LR upsampling for the ControlNet input
-    dtype: str = "fp32"  # UNet + ControlNet precision (fp32 | fp16 | bf16)
-    vae_dtype: str = "fp32"
-    gradient_checkpointing: bool = True
     lora_rank: int = 4
     lora_alpha: float = 4.0
     lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     lora_on_controlnet: bool = False
     prompt: str = ""
     negative_prompt: str = ""
+    fresh_controlnet: bool = False  # no controlnet/ in the folder: start one from the UNet (training from scratch)
+    dtype: str = ranged("fp32", choices=tuple(DTYPES))  # frozen UNet/ControlNet/text weights; LoRA stays fp32
+    vae_dtype: str = ranged("fp32", choices=tuple(DTYPES))
+    gradient_checkpointing: bool = True
 
 
 PRESETS = {
@@ -89,15 +93,20 @@ class ControlNetSD(LoraPolicyMixin):
         saved = cls._from_saved(folder, ControlNetSDConfig, device)
         if saved is not None:
             return saved
-        check_model_folder(folder, ("vae", "unet"))
-        vae = load_component(AutoencoderKL, folder, "vae")
-        unet = load_component(UNet2DConditionModel, folder, "unet")
-        if (folder / "controlnet" / "config.json").is_file():
-            cn = load_component(ControlNetModel, folder, "controlnet")
-        else:
-            cn = ControlNetModel.from_unet(unet)  # DP²O-SR initialises the ControlNet from the UNet
         cfg = config or ControlNetSDConfig()
-        enc = prompt_encoder_or_none(folder, "clip")
+        check_precision(cfg)
+        check_model_folder(folder, ("vae", "unet"))
+        has_cn = (folder / "controlnet" / "config.json").is_file()
+        if not has_cn and not cfg.fresh_controlnet:
+            raise PolicyLoadError(f"{folder} has no controlnet/ (config.json + diffusion_pytorch_model.safetensors): convert the published "
+                                  f"ControlNet with `sralign convert sd-controlnet model.safetensors --base {folder} --out DIR`, "
+                                  "or set fresh_controlnet=true to train a new one from the UNet")
+        wd = torch_dtype(cfg.dtype)
+        vae = load_component(AutoencoderKL, folder, "vae", torch_dtype(cfg.vae_dtype))
+        unet = load_component(UNet2DConditionModel, folder, "unet", wd)
+        cn = load_component(ControlNetModel, folder, "controlnet", wd) if has_cn else ControlNetModel.from_unet(unet)
+        enc = prompt_encoder_or_none(folder, "clip", dtype=wd)
+        check_text_source(folder, enc, {"prompt": cfg.prompt, "negative_prompt": cfg.negative_prompt})
         emb = enc([cfg.prompt, cfg.negative_prompt])["prompt_embeds"] if enc is not None else None
         return cls(vae, unet, cn, SDSchedule(read_scheduler_config(folder)), cfg, None if emb is None else emb[:1], None if emb is None else emb[1:],
                    base_path=str(folder.resolve()), device=device, prompt_encoder=enc)
@@ -123,9 +132,7 @@ class ControlNetSD(LoraPolicyMixin):
         return 2 ** (len(self.model.vae.config.block_out_channels) - 1)
 
     def _encode(self, img01: Tensor) -> Tensor:
-        vae = self.model.vae
-        with torch.no_grad():
-            return vae.encode((img01 * 2 - 1).to(vae.dtype)).latent_dist.mode().float() * self.vae_scale
+        return self._vae_encode(img01) * self.vae_scale
 
     def condition(self, lr: Tensor, prompts: list[str] | None = None) -> Cond:
         """Encode LR [B,3,h,w]; ``prompts`` (one per image) replace the config's prompt for these
@@ -164,8 +171,7 @@ class ControlNetSD(LoraPolicyMixin):
             emb = torch.cat([neg, text])
         else:
             z2, t2, c2, emb = z, t_int, control, text
-        dt = self.model.unet.dtype
-        z2, c2, emb = z2.to(dt), c2.to(self.model.controlnet.dtype), emb.to(dt)
+        z2, emb, c2 = self._w(z2), self._w(emb), self._w(c2)
         down, mid = self.model.controlnet(z2, t2, encoder_hidden_states=emb, controlnet_cond=c2,
                                           conditioning_scale=self.config.controlnet_scale, return_dict=False)
         out = self.model.unet(z2, t2, encoder_hidden_states=emb, down_block_additional_residuals=down,
@@ -216,11 +222,7 @@ class ControlNetSD(LoraPolicyMixin):
                 logps.append(lp)
             if traj is not None:
                 traj.append(x)
-        if output_latents:
-            img = x
-        else:
-            vae = self.model.vae
-            img = ((vae.decode((x / self.vae_scale).to(vae.dtype)).sample.float() + 1) / 2).clamp(0, 1)
+        img = x if output_latents else self._vae_decode(x / self.vae_scale)
         return Samples(images=img, trajectory=torch.stack(traj, 1) if traj is not None else None,
                        log_probs=torch.stack(logps, 1) if logps else None, sigmas=ts if traj is not None else None)
 

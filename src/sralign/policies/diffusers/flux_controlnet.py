@@ -36,7 +36,7 @@ from ...config import ranged
 from ..base import Cond, Samples
 from ..flow import flow_sde_step
 from ..tiny import PolicyLoadError
-from .loading import PromptEncoder, check_model_folder, load_component, prompt_encoder_or_none, rows_of
+from .loading import DTYPES, PromptEncoder, check_model_folder, check_precision, check_text_source, load_component, prompt_encoder_or_none, rows_of, torch_dtype
 from .lora import LoraPolicyMixin
 from .presets import Preset
 from .upsample import UPSAMPLERS, upsample
@@ -82,15 +82,15 @@ class FluxControlNetConfig:
     sde_noise_level: float = ranged(0.7, ge=0)
     resize: str = ranged("bicubic", choices=UPSAMPLERS)  # LR upsampling before the VAE
     control_latent: str = ranged("mode", choices=("mode", "sample"))  # the VAE posterior of LR↑: mode or a draw
-    dtype: str = "fp32"  # transformer + ControlNet precision (fp32 | fp16 | bf16)
-    vae_dtype: str = "fp32"
-    gradient_checkpointing: bool = True
     lora_rank: int = 4
     lora_alpha: float = 4.0
     lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     lora_on_controlnet: bool = False
     prompt: str = ""
     max_sequence_length: int = 512  # T5 tokens (FLUX.1-dev 512, schnell 256)
+    dtype: str = ranged("fp32", choices=tuple(DTYPES))  # frozen transformer/ControlNet/text weights; LoRA stays fp32
+    vae_dtype: str = ranged("fp32", choices=tuple(DTYPES))
+    gradient_checkpointing: bool = True
 
 
 PRESETS = {
@@ -154,14 +154,17 @@ class FluxControlNet(LoraPolicyMixin):
         saved = cls._from_saved(folder, FluxControlNetConfig, device)
         if saved is not None:
             return saved
-        check_model_folder(folder, ("vae", "transformer", "controlnet"))
-        vae = load_component(AutoencoderKL, folder, "vae")
-        tr = load_component(FluxTransformer2DModel, folder, "transformer")
-        cn = load_component(FluxControlNetModel, folder, "controlnet")
-        pe = pooled = None
         config = config or FluxControlNetConfig()
-        enc = prompt_encoder_or_none(folder, "flux", max_sequence_length=config.max_sequence_length)
+        check_precision(config)
+        check_model_folder(folder, ("vae", "transformer", "controlnet"))
+        wd = torch_dtype(config.dtype)
+        vae = load_component(AutoencoderKL, folder, "vae", torch_dtype(config.vae_dtype))
+        tr = load_component(FluxTransformer2DModel, folder, "transformer", wd)
+        cn = load_component(FluxControlNetModel, folder, "controlnet", wd)
+        pe = pooled = None
+        enc = prompt_encoder_or_none(folder, "flux", max_sequence_length=config.max_sequence_length, dtype=wd)
         emb = folder / "prompt_embeds.safetensors"
+        check_text_source(folder, enc, {"prompt": config.prompt}, fallback=str(emb) if emb.is_file() else "")
         if enc is not None:
             d = enc([config.prompt])
             pe, pooled = d["prompt_embeds"], d["pooled_prompt_embeds"]
@@ -192,16 +195,15 @@ class FluxControlNet(LoraPolicyMixin):
 
     def _encode(self, img01: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """VAE latents (shifted, scaled): the posterior's mode, or a draw from it with ``generator``."""
-        vae = self.model.vae
-        with torch.no_grad():
-            dist = vae.encode((img01 * 2 - 1).to(vae.dtype)).latent_dist
-            z = (dist.mode() if generator is None else dist.sample(generator)).float()
+        if generator is None:
+            z = self._vae_encode(img01)
+        else:
+            with torch.no_grad():
+                z = self.model.vae.encode((img01 * 2 - 1).to(self.vae_dtype)).latent_dist.sample(generator).float()
         return (z - self.vae_shift) * self.vae_scale
 
     def _decode(self, x: Tensor, h: int, w: int) -> Tensor:
-        vae = self.model.vae
-        z = unpack(x, h, w) / self.vae_scale + self.vae_shift
-        return ((vae.decode(z.to(vae.dtype)).sample.float() + 1) / 2).clamp(0, 1)
+        return self._vae_decode(unpack(x, h, w) / self.vae_scale + self.vae_shift)
 
     def _latent_hw(self, img: Tensor) -> tuple[int, int]:
         f = self._factor()
@@ -240,14 +242,15 @@ class FluxControlNet(LoraPolicyMixin):
         text = rows_of(cond.features, "prompt_embeds", self.prompt_embeds, n)
         pooled = rows_of(cond.features, "pooled_prompt_embeds", self.pooled, n)
         ids, txt_ids = image_ids(h, w, self.device), torch.zeros(text.shape[1], 3, device=self.device)
+        kw = dict(encoder_hidden_states=self._w(text), pooled_projections=self._w(pooled),
+                  timestep=self._w(t), img_ids=ids, txt_ids=txt_ids)
+        g = torch.full((n,), self.config.guidance_scale, device=self.device, dtype=self.weight_dtype)
         tr, cn = self.model.unet, self.model.controlnet
-        dt = tr.dtype
-        kw = dict(encoder_hidden_states=text.to(dt), pooled_projections=pooled.to(dt), timestep=t.to(dt), img_ids=ids, txt_ids=txt_ids)
-        g = torch.full((n,), self.config.guidance_scale, device=self.device)
+        x = self._w(x)
         # each network takes the guidance embedding only if its own config has one (as FluxControlNetPipeline)
-        blocks, single = cn(x.to(cn.dtype), controlnet_cond=cond.features["control"].to(cn.dtype), conditioning_scale=self.config.controlnet_scale,
+        blocks, single = cn(x, controlnet_cond=self._w(cond.features["control"]), conditioning_scale=self.config.controlnet_scale,
                             guidance=g if cn.config.guidance_embeds else None, return_dict=False, **kw)
-        return tr(x.to(dt), controlnet_block_samples=blocks, controlnet_single_block_samples=single,
+        return tr(x, controlnet_block_samples=blocks, controlnet_single_block_samples=single,
                   guidance=g if tr.config.guidance_embeds else None, return_dict=False, **kw)[0].float()
 
     def sigmas(self, steps: int, tokens: int) -> Tensor:
