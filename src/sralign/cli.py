@@ -424,6 +424,20 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------- demo
+def cmd_convert(args: argparse.Namespace) -> int:
+    try:
+        from .policies.diffusers.convert import ConvertError, convert
+    except ImportError as e:
+        raise CLIError(f"convert needs the diffusers extra: pip install 'sralign[diffusers]' ({e})") from None
+    try:
+        out = convert(args.kind, args.src, args.base, args.out, num_layers=args.num_layers, num_single_layers=args.num_single_layers,
+                      copy=args.copy)
+    except ConvertError as e:
+        raise CLIError(str(e)) from None
+    print(f"{args.kind}: wrote {out}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -515,6 +529,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--quiet", action="store_true")
     ev.add_argument("overrides", nargs="*")
     ev.set_defaults(func=cmd_eval)
+
+    cv = sub.add_parser("convert", help="a published checkpoint -> a complete local model folder (C-SD2, C-FLUX, OSEDiff, GDPO-SR)")
+    cv.add_argument("kind", choices=["sd-controlnet", "flux-controlnet", "osediff", "gdpo-sr"])
+    cv.add_argument("src", help="the checkpoint: model.safetensors (ControlNets), osediff.pkl, or the GDPO-SR folder")
+    cv.add_argument("--base", required=True, help="the base model's diffusers folder (SD2-base, FLUX.1-dev, SD2.1-base); never modified")
+    cv.add_argument("--out", required=True, help="new output folder (refused if it exists and is not empty)")
+    cv.add_argument("--num-layers", type=int, default=4, help="flux-controlnet: double-stream blocks (DP²O-SR: 4)")
+    cv.add_argument("--num-single-layers", type=int, default=0, help="flux-controlnet: single-stream blocks (DP²O-SR: 0)")
+    cv.add_argument("--copy", action="store_true", help="copy the base model's other parts instead of symlinking them")
+    cv.set_defaults(func=cmd_convert)
 
     t = sub.add_parser("pretrain", help="train the tiny base policy (how the shipped checkpoint was made)")
     t.add_argument("--out", default="runs/pretrain")
