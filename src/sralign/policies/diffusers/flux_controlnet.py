@@ -164,7 +164,9 @@ class FluxControlNet(LoraPolicyMixin):
         pe = pooled = None
         enc = prompt_encoder_or_none(folder, "flux", max_sequence_length=config.max_sequence_length, dtype=wd)
         emb = folder / "prompt_embeds.safetensors"
-        check_text_source(folder, enc, {"prompt": config.prompt}, fallback=str(emb) if emb.is_file() else "")
+        check_text_source(folder, enc, {"prompt": config.prompt}, fallback=str(emb) if emb.is_file() else "",
+                          need="tokenizer/ text_encoder/ tokenizer_2/ text_encoder_2/ (nor prompt_embeds.safetensors)",
+                          how="add FLUX.1-dev's CLIP and T5 text encoders and tokenizers (symlinks will do)")
         if enc is not None:
             d = enc([config.prompt])
             pe, pooled = d["prompt_embeds"], d["pooled_prompt_embeds"]
