@@ -19,7 +19,9 @@ class DP2OConfig:
     fr_metrics / nr_metrics: the hybrid reward's sets (built-in names or pyiqa:NAME).
 
     > Optimisation
-    beta, lr, steps, batch_pairs (pairs per micro-batch), grad_accum, warmup, grad_clip,
+    beta, lr, steps, batch_pairs (pairs per batch), micro_batch (pairs per forward/backward; 0 = the
+    whole batch at once; gradients are exact either way, so set it from the device memory only),
+    grad_accum (batches per optimizer step), warmup, grad_clip,
     weight_decay, t_min / t_max (timestep range of the DSM terms), mixed_precision ("no"|"bf16").
 
     > Bookkeeping
@@ -34,6 +36,7 @@ class DP2OConfig:
     lr: float = 1e-4
     steps: int = 150
     batch_pairs: int = 16
+    micro_batch: int = 0
     grad_accum: int = 1
     warmup: int = 10
     grad_clip: float = 1.0
