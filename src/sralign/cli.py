@@ -65,7 +65,7 @@ def cmd_sr(args: argparse.Namespace) -> int:
                   prompt=prompt, progress=not args.quiet)
         H, W = lr.shape[1] * policy.scale, lr.shape[2] * policy.scale
         if args.colorfix == "none":  # written band by band: memory bounded by a row of tiles
-            save_image_rows((b.clamp(0, 1) for b in super_resolve_rows(policy, lr, **kw)), dst, H, W)
+            save_image_rows(super_resolve_rows(policy, lr, **kw), dst, H, W)  # to_uint8 clamps
         else:  # the colour fix needs the whole image
             save_image(super_resolve(policy, lr, colorfix=args.colorfix, **kw), dst)
         if not args.quiet:

@@ -77,11 +77,13 @@ class StreamedRandn:
         other.pos, other.buf, other.buf_start = self.pos, torch.empty(0), self.pos
         return other
 
-    def read(self, a: int, b: int) -> Tensor:
+    def read(self, a: int, b: int, out: Tensor | None = None) -> Tensor:
+        """Elements [a, b), into ``out`` (b − a elements, contiguous) when given."""
         if not 0 <= a <= b <= self.numel:
             raise IndexError(f"elements [{a}, {b}) of a tensor of {self.numel}")
+        out = torch.empty(b - a) if out is None else out.view(-1)
         if self._small is not None:
-            return self._small[a:b].clone()
+            return out.copy_(self._small[a:b])
         lo, hi = a // 16 * 16, min(-(-b // 16) * 16, self.full)
         if lo < self.buf_start:
             raise ValueError(f"StreamedRandn reads go front to back: element {a} is behind {self.buf_start}")
@@ -93,7 +95,6 @@ class StreamedRandn:
         if hi > self.pos:
             self.buf = torch.cat([self.buf, torch.randn(hi - self.pos, generator=self.g)])
             self.pos = hi
-        out = torch.empty(b - a)
         n_main = max(0, min(b, self.full) - a)
         out[:n_main] = self.buf[a - self.buf_start : a - self.buf_start + n_main]
         t0 = self.numel - 16
@@ -101,6 +102,12 @@ class StreamedRandn:
             k = max(a, t0)
             out[k - a :] = self._tail_values()[k - t0 : b - t0]
         return out
+
+    def release(self, before: int) -> None:
+        """Forget buffered elements before ``before`` (no later read starts earlier)."""
+        lo = before // 16 * 16
+        if self._small is None and lo > self.buf_start:
+            self.buf, self.buf_start = self.buf[lo - self.buf_start :].clone(), min(lo, self.pos)
 
     def _tail_values(self) -> Tensor:
         if self._tail is None:
@@ -160,14 +167,18 @@ def super_resolve_rows(
         cond = condition_with_prompts(policy, lr_tile[None], prompts)
         return policy.sample(cond, policy_noise(policy, nz), sampler=sampler, steps=steps, **extra).images[0].cpu()
 
-    def band_noise(y: int, th: int) -> Tensor:
+    def band_noise(y: int, th: int, y_next: int) -> Tensor:
         a, b = y * s // factor, (y + th) * s // factor
-        return torch.stack([st.read(c * hn * wn + a * wn, c * hn * wn + b * wn).view(b - a, wn) for c, st in enumerate(streams)])[None]
+        nz = torch.empty(1, channels, b - a, wn)
+        for c, st in enumerate(streams):
+            st.read(c * hn * wn + a * wn, c * hn * wn + b * wn, out=nz[0, c])
+            st.release(c * hn * wn + y_next * s // factor * wn)  # keep only what the next band re-reads
+        return nz
 
     if tile > 0:
         tile = max(q, tile // q * q)
     if tile <= 0 or (h <= tile and w <= tile):
-        yield run(lr, band_noise(0, h))[:, : h0 * s, : w0 * s]
+        yield run(lr, band_noise(0, h, h))[:, : h0 * s, : w0 * s]
         return
     overlap = max(0, min(overlap, tile // 2)) // q * q
     ys, xs = _starts(h, tile, tile - overlap), _starts(w, tile, tile - overlap)
@@ -181,7 +192,8 @@ def super_resolve_rows(
             carry = acc.shape[1]  # rows already holding earlier tiles' shares
             acc = torch.cat([acc, torch.zeros(3, th * s - carry, w * s)], 1)
             wsum = torch.cat([wsum, torch.zeros(1, th * s - carry, w * s)], 1)
-            nz = band_noise(y, th)
+            y_next = ys[r + 1] if r + 1 < len(ys) else h
+            nz = band_noise(y, th, y_next)
             wy = _ramp(th * s, overlap * s, y == 0, y + th >= h)
             for x in xs:
                 img = run(lr[:, y : y + th, x : x + tw], nz[..., x * s // factor : (x + tw) * s // factor])
@@ -189,11 +201,13 @@ def super_resolve_rows(
                 acc[:, :, x * s : (x + tw) * s] += img * wt
                 wsum[:, :, x * s : (x + tw) * s] += wt
                 bar.update(1)
-            done = ((ys[r + 1] if r + 1 < len(ys) else h) - y) * s  # rows no later tile touches
+            del nz
+            done = (y_next - y) * s  # rows no later tile touches
             keep = max(0, min(done, h0 * s - y * s))
+            rest, wrest = acc[:, done:].clone(), wsum[:, done:].clone()
             if keep:
-                yield (acc[:, :keep] / wsum[:, :keep])[:, :, : w0 * s]
-            acc, wsum = acc[:, done:].clone(), wsum[:, done:].clone()
+                yield acc[:, :keep].div_(wsum[:, :keep])[:, :, : w0 * s]  # final rows, normalised in place
+            acc, wsum = rest, wrest
     finally:
         bar.close()
 

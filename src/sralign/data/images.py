@@ -108,7 +108,7 @@ def save_image_rows(bands: Iterable[Tensor], path: str | os.PathLike, height: in
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=p.suffix or ".png", dir=p.parent)
     os.close(fd)
-    rows = (to_uint8(b) for b in bands)
+    rows = (to_uint8(b[:, i : i + 256]) for b in bands for i in range(0, b.shape[1], 256))  # small temporaries
     try:
         if _format_for(p) == "PNG":
             with open(tmp, "wb") as f:
