@@ -195,7 +195,7 @@ def main() -> None:
             print(f"| {run.replace(':', ' | ')} | failed: {err[:160]} |||||", flush=True)
             continue
         d = json.loads(line[0][7:])
-        print(f"| {d['backend']} | {d['method']} | {d["params_b"] * 1e3:.1f} | {d['trainable_m']:.1f} | {d['shape']} | "
+        print(f"| {d['backend']} | {d['method']} | {d['params_b'] * 1e3:.1f} | {d['trainable_m']:.1f} | {d['shape']} | "
               f"{d['s_per_step']:.2f} | {d['peak_gib']:.2f} |", flush=True)
 
 
