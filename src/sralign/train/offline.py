@@ -78,23 +78,30 @@ class OfflineTrainer:
             self._lr_cache.move_to_end(lr_id)
         return u8.float() / 255
 
-    def _images(self, batch: list[Pair]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(lr [k,3,h,w], winners [k,3,H,W], losers [k,3,H,W]) read from the store, on the device."""
+    def _condition(self, batch: list[Pair]):
+        """The condition of the rows [winners; losers] of ``batch`` [2k]: each distinct LR image is
+        encoded once and shared by all its pairs' rows."""
+        ids = list(dict.fromkeys(b.lr_id for b in batch))
+        lr = torch.stack([self._lr_image(i) for i in ids]).to(self.accel.device)
+        cond = condition_captioned(self.policy, lr, [self.store.prompt(i) for i in ids])
+        row = {i: k for k, i in enumerate(ids)}
+        return cond.index(torch.tensor([row[b.lr_id] for b in batch] * 2, device=cond.lr.device))
+
+    def _images(self, batch: list[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(winners [k,3,H,W], losers [k,3,H,W]) read from the store, on the device."""
         dev = self.accel.device
-        lr = torch.stack([self._lr_image(b.lr_id) for b in batch]).to(dev)
         xw = torch.stack([self.store.read_image(self._path[b.cid_w]) for b in batch]).to(dev)
         xl = torch.stack([self.store.read_image(self._path[b.cid_l]) for b in batch]).to(dev)
-        return lr, xw, xl
+        return xw, xl
 
     def loss_on(self, batch: list[Pair], t: torch.Tensor | None = None, eps: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         """The DPO / DP²O loss of ``batch`` (its weighted mean over these pairs). ``t`` [k] and
         ``eps`` (the policy's noise shape, [k,…]) are drawn from the trainer's generator when not given."""
         p = self.policy
         dev = self.accel.device
-        lr, xw, xl = self._images(batch)
+        xw, xl = self._images(batch)
         k = len(batch)
-        captions = [self.store.prompt(b.lr_id) for b in batch]
-        cond = condition_captioned(p, torch.cat([lr, lr]), captions * 2)
+        cond = self._condition(batch)
         if t is None:
             t, eps = self._draw(k, xw)
         t, eps = t.to(dev), eps.to(dev)
