@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import struct
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
+
+from .atomic import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -86,18 +87,11 @@ def to_uint8(img: Tensor) -> np.ndarray:
 
 
 def save_image(img: Tensor, path: str | os.PathLike) -> None:
-    """Write [3,H,W] in [0,1] atomically (temp file + rename): never leaves a partial file."""
+    """Write [3,H,W] in [0,1] atomically (temp file + rename): never leaves a partial file; the
+    file mode is the usual one (0666 minus the umask)."""
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=p.suffix or ".png", dir=p.parent)
-    os.close(fd)
-    try:
-        Image.fromarray(to_uint8(img)).save(tmp, format=_format_for(p))
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    arr = to_uint8(img)
+    atomic_write(p, lambda tmp: Image.fromarray(arr).save(tmp, format=_format_for(p)), suffix=p.suffix or ".png")
 
 
 def save_image_rows(bands: Iterable[Tensor], path: str | os.PathLike, height: int, width: int) -> None:
@@ -105,28 +99,23 @@ def save_image_rows(bands: Iterable[Tensor], path: str | os.PathLike, height: in
     ``height`` rows in all) atomically, like ``save_image``. A PNG is written as the bands come
     (memory: one band); other formats are assembled in 8 bits first."""
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=p.suffix or ".png", dir=p.parent)
-    os.close(fd)
     rows = (to_uint8(b[:, i : i + 256]) for b in bands for i in range(0, b.shape[1], 256))  # small temporaries
-    try:
+
+    def write(tmp: str) -> None:
         if _format_for(p) == "PNG":
             with open(tmp, "wb") as f:
                 write_png_rows(f, rows, height, width)
-        else:
-            arr = np.empty((height, width, 3), np.uint8)
-            y = 0
-            for r in rows:
-                arr[y : y + len(r)] = r
-                y += len(r)
-            if y != height:
-                raise ValueError(f"got {y} rows, expected {height}")
-            Image.fromarray(arr).save(tmp, format=_format_for(p))
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+            return
+        arr = np.empty((height, width, 3), np.uint8)
+        y = 0
+        for r in rows:
+            arr[y : y + len(r)] = r
+            y += len(r)
+        if y != height:
+            raise ValueError(f"got {y} rows, expected {height}")
+        Image.fromarray(arr).save(tmp, format=_format_for(p))
+
+    atomic_write(p, write, suffix=p.suffix or ".png")
 
 
 def write_png_rows(f: BinaryIO, rows: Iterable[np.ndarray], height: int, width: int, level: int = 6) -> None:

@@ -29,6 +29,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from ..config import ranged
 from .degradation import RealESRGANConfig, RealESRGANDegradation, SimpleDegradationConfig, simple_degradation
 from .images import MIN_SIZE, ImageError, bundled_images, load_image, sidecar_prompt
 
@@ -46,14 +47,23 @@ class LRSetConfig:
     memory grows with ``n``), B ≥ 1 = blocks of B seeded by (seed, block), made on demand
     (1 for large sets: every item from (seed, index) alone). Changing it changes the crops."""
 
-    split: str = "train"
-    n: int = 24
-    patch: int = 64  # HR size
-    scale: int = 4
-    seed: int = 0
-    degradation: str = "simple"  # simple | realesrgan
+    split: str = ranged("train", nonempty=True)
+    n: int = ranged(24, ge=1)
+    patch: int = ranged(64, ge=8)  # HR size
+    scale: int = ranged(4, ge=1)
+    seed: int = ranged(0, ge=0)
+    degradation: str = ranged("simple", choices=DEGRADATIONS)
     hr_dir: str = ""
-    block: int = 0
+    block: int = ranged(0, ge=0)
+
+    def cross_check(self) -> str | None:
+        if self.patch % self.scale:
+            return f"patch ({self.patch}) must be a multiple of scale ({self.scale})"
+        if not self.hr_dir and self.split not in ("train", "heldout"):
+            return f"split {self.split!r} names no bundled set (train | heldout); set hr_dir to use your own HR images"
+        if self.hr_dir and not Path(self.hr_dir).expanduser().is_dir():
+            return f"hr_dir {self.hr_dir!r} is not a folder"
+        return None
 
 
 class LRItem(NamedTuple):

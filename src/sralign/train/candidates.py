@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from ..config import ranged, validate
 from ..data.lrset import LRItem, LRSet, LRSetConfig, make_lr_set  # noqa: F401  (LRSetConfig, make_lr_set: public here too)
 from ..data.store import CandidateStore
 from ..losses import dp2o_pairs, hpo_weights
@@ -32,12 +33,12 @@ def candidate_noise(shape: tuple[int, ...], base: int, lr_id: str, seeds: list[i
 
 @dataclass
 class GenerateConfig:
-    m: int = 16
-    sampler: str = "ode"
-    steps: int = 10
-    chunk: int = 8  # samples per LR per policy call (seeds 0..M-1 are cut into fixed chunks)
-    lr_batch: int = 1  # LR images of equal size per policy call (the noise is per LR and seed: same candidates)
-    seed: int = 0
+    m: int = ranged(16, ge=2)  # a group needs two candidates to rank
+    sampler: str = ranged("ode", choices=("ode", "sde", "onestep"))
+    steps: int = ranged(10, ge=1, le=1000)
+    chunk: int = ranged(8, ge=1)  # samples per LR per policy call (seeds 0..M-1 are cut into fixed chunks)
+    lr_batch: int = ranged(1, ge=1)  # LR images of equal size per policy call (the noise is per LR and seed: same candidates)
+    seed: int = ranged(0, ge=0)
     lr_set: LRSetConfig = field(default_factory=LRSetConfig)
 
 
@@ -47,8 +48,7 @@ def generate(store: CandidateStore, policy: TinyPolicy, cfg: GenerateConfig, pro
     idempotent; under torchrun each rank takes LR ids rank, rank+K, …. Each policy call samples
     one chunk of seeds for up to ``lr_batch`` LR images of equal size; a candidate's noise depends
     only on (seed, LR id, candidate seed), so the batching does not change it. Returns #new images."""
-    if cfg.lr_batch < 1 or cfg.chunk < 1:
-        raise ValueError(f"lr_batch and chunk must be at least 1, got lr_batch={cfg.lr_batch}, chunk={cfg.chunk}")
+    validate(cfg)
     init_if_needed()
     rank, world = rank_world()
     if rank == 0:
