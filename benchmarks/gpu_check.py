@@ -61,25 +61,26 @@ def configs(size: str) -> tuple[dict, dict, dict, int]:
     return unet, vae, flux, 1
 
 
-def build(kind: str, size: str):
+def build(kind: str, size: str, dtype: str = "fp32", checkpointing: bool = True):
     from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, FluxControlNetModel, FluxTransformer2DModel, UNet2DConditionModel
 
-    from sralign.policies.diffusers import ControlNetSD, FluxControlNet, OneStepSD
+    from sralign.policies.diffusers import ControlNetSD, ControlNetSDConfig, FluxControlNet, FluxControlNetConfig, OneStepSD, OneStepSDConfig
 
     unet_cfg, vae_cfg, flux_cfg, cn_layers = configs(size)
+    prec = dict(dtype=dtype, gradient_checkpointing=checkpointing)  # frozen weights in dtype, LoRA in fp32
     torch.manual_seed(0)
     if kind == "flux":
         vae = AutoencoderKL(**dict(vae_cfg, latent_channels=16))
         cn = FluxControlNetModel(**dict(flux_cfg, num_layers=cn_layers, num_single_layers=0))
-        return FluxControlNet(vae, FluxTransformer2DModel(**flux_cfg), cn)
+        return FluxControlNet(vae, FluxTransformer2DModel(**flux_cfg), cn, config=FluxControlNetConfig(**prec))
     vae = AutoencoderKL(**vae_cfg)
     unet = UNet2DConditionModel(**unet_cfg)
     sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
     if kind == "osediff":
-        return OneStepSD(vae, unet, sched)
+        return OneStepSD(vae, unet, sched, config=OneStepSDConfig(**prec))
     tiny = size == "tiny"
     cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16) if tiny else (16, 32, 96, 256))
-    return ControlNetSD(vae, unet, cn, sched)
+    return ControlNetSD(vae, unet, cn, sched, config=ControlNetSDConfig(**prec))
 
 
 def hr_folder(root: Path, side: int) -> str:
@@ -99,7 +100,7 @@ def one(a, backend: str, method: str) -> dict:
 
     dev = torch.device(a.device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    pol = build(backend, a.size)
+    pol = build(backend, a.size, a.dtype, not a.no_checkpointing)
     if dev.type == "cuda":
         pol.to(dev)
     side = a.lr_size
@@ -172,6 +173,8 @@ def main() -> None:
     ap.add_argument("--micro-batch", type=int, default=0, help="samples (online) / pairs (offline) per forward-backward; 0 = all")
     ap.add_argument("--pairs", type=int, default=4, help="pairs per offline step")
     ap.add_argument("--steps", type=int, default=None, help="sampler steps of the multi-step backends (default 10; tiny 2)")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="frozen weights (LoRA parameters stay fp32)")
+    ap.add_argument("--no-checkpointing", action="store_true", help="turn the backbones' gradient checkpointing off")
     ap.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"], help="autocast of the offline trainer")
     ap.add_argument("--only", nargs="*", default=None, help="backend:method pairs to run (default all)")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
@@ -183,7 +186,7 @@ def main() -> None:
         return
     runs = a.only or [f"{b}:{m}" for b, ms in METHODS.items() for m in ms]
     passthrough = [x for x in sys.argv[1:] if x != "--only" and x not in (a.only or [])]
-    print(f"device {a.device}, size {a.size}, LR {a.lr_size}² -> {a.lr_size * 4}² output, group {a.group}, micro-batch {a.micro_batch or 'all'}, "
+    print(f"device {a.device}, size {a.size}, frozen weights {a.dtype}, checkpointing {'off' if a.no_checkpointing else 'on'}, LR {a.lr_size}² -> {a.lr_size * 4}² output, group {a.group}, micro-batch {a.micro_batch or 'all'}, "
           f"{a.steps} sampler steps (osediff: 1), {a.pairs} pairs per offline step", flush=True)
     print("| backend | method | params (M) | trainable (M) | batch | s/step | peak GiB |")
     print("|---|---|---|---|---|---|---|")

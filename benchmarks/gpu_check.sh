@@ -5,4 +5,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python benchmarks/gpu_check.py --device "${DEVICE:-cuda}" --size "${SIZE:-full}" --group "${GROUP:-6}" \
-    --micro-batch "${MICRO:-0}" --mixed-precision "${MP:-bf16}" "$@"
+    --micro-batch "${MICRO:-0}" --dtype "${DTYPE:-bf16}" --mixed-precision "${MP:-bf16}" "$@"
