@@ -252,6 +252,9 @@ def test_train_config_errors_fail_before_the_lr_set_and_leave_no_run_folder(tmp_
 
     # the policy loads before the LR set is built or the store is read
     monkeypatch.setattr(sralign.policies, "load_policy", no_work)
+    monkeypatch.setattr(sralign.train.candidates, "make_lr_set", no_work)
+    monkeypatch.setattr(sralign.train.online, "make_lr_set", no_work, raising=False)
+    monkeypatch.setattr(sralign.train.online, "LRSet", no_work)  # the online trainer's LR set
     monkeypatch.setattr(sralign.data.store.CandidateStore, "__init__", no_work)
     run = tmp_path / "run"
     store = ["--store", str(tmp_path / "store")] if method in ("dp2o", "dpo") else []

@@ -177,3 +177,77 @@ def test_store_keeps_captions(tmp_path):
     st.add_lr("a", torch.rand(3, 8, 8), prompt="a brick wall")
     st.add_lr("b", torch.rand(3, 8, 8))
     assert st.prompt("a") == "a brick wall" and st.prompt("b") is None
+
+
+# ---------------------------------------------------------------------- streamed LR sets
+def _eager_lr_set(cfg):
+    """The LR set built the simple way (reference): decode every HR image, cut all crops with
+    ``random_crops_with_source``, degrade the whole set as one batch."""
+    from sralign.data.images import random_crops_with_source
+    if cfg.hr_dir:
+        folder = ImageFolder(cfg.hr_dir)
+        keep = [i for i in range(len(folder)) if min(folder[i].shape[1:]) >= cfg.patch]
+        imgs, prompts = [folder[i] for i in keep], [folder.prompt(i) for i in keep]
+    else:
+        imgs, prompts = [im for _, im in load_bundled(cfg.split)], None
+    g = torch.Generator().manual_seed(cfg.seed)
+    hr, src = random_crops_with_source(imgs, cfg.n, cfg.patch, g)
+    if cfg.degradation == "realesrgan":
+        lr = RealESRGANDegradation(RealESRGANConfig(scale=cfg.scale))(hr, g)
+    else:
+        lr = simple_degradation(hr, cfg.scale, g)
+    lr = (lr * 255).round() / 255
+    return [(lr[i], hr[i], prompts[src[i]] if prompts else None) for i in range(cfg.n)]
+
+
+@pytest.mark.parametrize("kind", ["bundled", "folder", "realesrgan"])
+def test_streamed_lr_set_equals_the_eager_build(tmp_path, kind):
+    from sralign.data.lrset import LRSet, LRSetConfig
+    cfg = {"bundled": LRSetConfig(n=6, patch=48, seed=2),
+           "folder": LRSetConfig(n=12, patch=32, hr_dir=str(_hr_folder(tmp_path))),
+           "realesrgan": LRSetConfig(split="heldout", n=3, patch=32, seed=1, degradation="realesrgan")}[kind]
+    ref = _eager_lr_set(cfg)
+    got = list(LRSet(cfg))
+    assert [it.lr_id for it in got] == [f"{cfg.split}{i:04d}" for i in range(cfg.n)]
+    for (lr, hr, prompt), it in zip(ref, got):
+        assert torch.equal(it.lr, lr) and torch.equal(it.hr, hr) and it.prompt == prompt
+    if kind == "folder":
+        assert {it.prompt for it in got} == {"a photo of a cat", None}
+
+
+def test_lr_set_blocks_are_made_on_demand_from_their_seed(tmp_path, monkeypatch):
+    import sralign.data.lrset as lrset
+    cfg = lrset.LRSetConfig(n=5, patch=32, hr_dir=str(_hr_folder(tmp_path)), block=1)
+    full = list(lrset.LRSet(cfg))
+    reads = []
+    real = lrset.load_image
+    monkeypatch.setattr(lrset, "load_image", lambda p: reads.append(p) or real(p))
+    for i in reversed(range(cfg.n)):  # any order, each item alone: the same bytes
+        it = lrset.LRSet(cfg)[i]
+        assert torch.equal(it.lr, full[i].lr) and torch.equal(it.hr, full[i].hr) and it.prompt == full[i].prompt
+    assert len(reads) == cfg.n  # one HR file decoded per item, nothing else
+    blocks2 = lrset.LRSet(lrset.LRSetConfig(n=5, patch=32, hr_dir=cfg.hr_dir, block=2))
+    assert torch.equal(blocks2[4].lr, list(blocks2)[4].lr) and torch.equal(blocks2[1].hr, lrset.LRSet(blocks2.cfg)[1].hr)
+    whole = lrset.LRSet(lrset.LRSetConfig(n=5, patch=32, hr_dir=cfg.hr_dir))
+    assert not all(torch.equal(a.lr, b.lr) for a, b in zip(whole, full))  # block=1 is another set
+
+
+def test_lr_set_in_dataloader_workers(tmp_path):
+    from torch.utils.data import DataLoader
+
+    from sralign.data.lrset import LRSet, LRSetConfig
+    ds = LRSet(LRSetConfig(n=4, patch=32, hr_dir=str(_hr_folder(tmp_path)), block=1))
+    batches = list(DataLoader(ds, batch_size=2, num_workers=1, collate_fn=LRSet.collate))
+    ids, lr, hr, prompts = batches[1]
+    assert ids == ["train0002", "train0003"] and lr.shape == (2, 3, 8, 8)
+    assert torch.equal(lr, torch.stack([ds[2].lr, ds[3].lr])) and torch.equal(hr[1], ds[3].hr) and prompts[1] == ds[3].prompt
+
+
+def test_lr_set_rejects_bad_settings():
+    from sralign.data.lrset import LRSet, LRSetConfig
+    with pytest.raises(ValueError, match="degradation"):
+        LRSet(LRSetConfig(degradation="bsrgan"))
+    with pytest.raises(ValueError, match="lr_set.block"):
+        LRSet(LRSetConfig(block=-1))
+    with pytest.raises(ValueError, match="multiple of lr_set.scale"):
+        LRSet(LRSetConfig(patch=30))

@@ -106,8 +106,8 @@ def _image_targets(src: Path, output: str) -> list[tuple[Path, Path]]:
 # ----------------------------------------------------------------------------- sr
 def cmd_sr(args: argparse.Namespace) -> int:
     from .colorfix import COLOR_FIXES
-    from .data.images import ImageError, load_image, save_image
-    from .inference import super_resolve
+    from .data.images import ImageError, load_image, save_image, save_image_rows
+    from .inference import super_resolve, super_resolve_rows
     src = Path(args.input)
     if not src.exists():
         raise CLIError(f"{src}: no such file or folder")
@@ -154,11 +154,15 @@ def cmd_sr(args: argparse.Namespace) -> int:
             prompt = tags if args.prompt is None else f"{tags}, {args.prompt}"
         if text and preset is not None:
             prompt = preset.text(tags, args.prompt)  # the paper's prompt template
-        sr = super_resolve(policy, lr, seed=args.seed, sampler=args.sampler, steps=args.steps, tile=args.tile,
-                           overlap=args.overlap, colorfix=args.colorfix, prompt=prompt)
-        save_image(sr, dst)
+        kw = dict(seed=args.seed, sampler=args.sampler, steps=args.steps, tile=args.tile, overlap=args.overlap,
+                  prompt=prompt, progress=not args.quiet)
+        H, W = lr.shape[1] * policy.scale, lr.shape[2] * policy.scale
+        if args.colorfix == "none":  # written band by band: memory bounded by a row of tiles
+            save_image_rows(super_resolve_rows(policy, lr, **kw), dst, H, W)  # to_uint8 clamps
+        else:  # the colour fix needs the whole image
+            save_image(super_resolve(policy, lr, colorfix=args.colorfix, **kw), dst)
         if not args.quiet:
-            print(f"{f} -> {dst} ({lr.shape[2]}x{lr.shape[1]} -> {sr.shape[2]}x{sr.shape[1]})")
+            print(f"{f} -> {dst} ({lr.shape[2]}x{lr.shape[1]} -> {W}x{H})")
     ok = len(targets) - failed
     if failed:
         print(f"sralign sr: {ok} written, {failed} failed", file=sys.stderr)

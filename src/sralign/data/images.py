@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO, Iterable
 
 import numpy as np
 import torch
@@ -89,6 +92,61 @@ def save_image(img: Tensor, path: str | os.PathLike) -> None:
     p = Path(path)
     arr = to_uint8(img)
     atomic_write(p, lambda tmp: Image.fromarray(arr).save(tmp, format=_format_for(p)), suffix=p.suffix or ".png")
+
+
+def save_image_rows(bands: Iterable[Tensor], path: str | os.PathLike, height: int, width: int) -> None:
+    """Write an image handed out as bands of rows (each [3,k,``width``] in [0,1], top to bottom,
+    ``height`` rows in all) atomically, like ``save_image``. A PNG is written as the bands come
+    (memory: one band); other formats are assembled in 8 bits first."""
+    p = Path(path)
+    rows = (to_uint8(b[:, i : i + 256]) for b in bands for i in range(0, b.shape[1], 256))  # small temporaries
+
+    def write(tmp: str) -> None:
+        if _format_for(p) == "PNG":
+            with open(tmp, "wb") as f:
+                write_png_rows(f, rows, height, width)
+            return
+        arr = np.empty((height, width, 3), np.uint8)
+        y = 0
+        for r in rows:
+            arr[y : y + len(r)] = r
+            y += len(r)
+        if y != height:
+            raise ValueError(f"got {y} rows, expected {height}")
+        Image.fromarray(arr).save(tmp, format=_format_for(p))
+
+    atomic_write(p, write, suffix=p.suffix or ".png")
+
+
+def write_png_rows(f: BinaryIO, rows: Iterable[np.ndarray], height: int, width: int, level: int = 6) -> None:
+    """Stream an 8-bit RGB PNG to ``f`` from blocks of rows (k×``width``×3 uint8, top to bottom):
+    each row "Up"-filtered and deflated as it comes, so memory stays at one block."""
+    def chunk(tag: bytes, data: bytes) -> None:
+        f.write(struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF))
+
+    f.write(b"\x89PNG\r\n\x1a\n")
+    chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))  # 8-bit RGB, no interlace
+    z = zlib.compressobj(level)
+    prev = np.zeros(width * 3, np.uint8)
+    n = 0
+    for block in rows:
+        if block.ndim != 3 or block.shape[1:] != (width, 3) or block.dtype != np.uint8:
+            raise ValueError(f"PNG rows must be k x {width} x 3 uint8, got {block.shape} {block.dtype}")
+        flat = block.reshape(len(block), width * 3)
+        up = np.empty((len(block), width * 3 + 1), np.uint8)
+        up[:, 0] = 2  # filter type "Up": each byte minus the byte above it (mod 256)
+        up[0, 1:] = flat[0] - prev
+        up[1:, 1:] = flat[1:] - flat[:-1]
+        if len(flat):
+            prev = flat[-1].copy()
+        data = z.compress(up.tobytes())
+        if data:
+            chunk(b"IDAT", data)
+        n += len(block)
+    if n != height:
+        raise ValueError(f"got {n} rows, expected {height}")
+    chunk(b"IDAT", z.flush())
+    chunk(b"IEND", b"")
 
 
 def _format_for(p: Path) -> str:

@@ -5,15 +5,12 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
 
-from ..data.degradation import RealESRGANConfig, RealESRGANDegradation, SimpleDegradationConfig, simple_degradation
-from ..data.images import ImageError, ImageFolder, load_bundled, random_crops_with_source
 from ..config import ranged, validate
+from ..data.lrset import LRItem, LRSet, LRSetConfig, make_lr_set  # noqa: F401  (LRSetConfig, make_lr_set: public here too)
 from ..data.store import CandidateStore
 from ..losses import dp2o_pairs, hpo_weights
 from ..policies.base import SAMPLERS, STOCHASTIC_SAMPLERS, condition_captioned
@@ -23,70 +20,6 @@ from ..rewards.registry import get_metric
 from .distributed import barrier, init_if_needed, rank_world
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class LRSetConfig:
-    """A deterministic set of (HR, LR) crops: from the bundled photographs of ``split``, or from
-    your own HR images in ``hr_dir`` (a folder; ``IMG.txt`` beside ``IMG.png`` is its caption,
-    used by text-conditioned policies). ``split`` labels the set in a candidate store."""
-
-    split: str = ranged("train", nonempty=True)
-    n: int = ranged(24, ge=1)
-    patch: int = ranged(64, ge=8)  # HR size
-    scale: int = ranged(4, ge=1)
-    seed: int = ranged(0, ge=0)
-    degradation: str = ranged("simple", choices=("simple", "realesrgan"))
-    hr_dir: str = ""
-
-    def cross_check(self) -> str | None:
-        if self.patch % self.scale:
-            return f"patch ({self.patch}) must be a multiple of scale ({self.scale})"
-        if not self.hr_dir and self.split not in ("train", "heldout"):
-            return f"split {self.split!r} names no bundled set (train | heldout); set hr_dir to use your own HR images"
-        if self.hr_dir and not Path(self.hr_dir).expanduser().is_dir():
-            return f"hr_dir {self.hr_dir!r} is not a folder"
-        return None
-
-
-class LRItem(NamedTuple):
-    lr_id: str
-    lr: torch.Tensor  # [3,h,w] in [0,1]
-    hr: torch.Tensor  # [3,H,W] in [0,1]
-    prompt: str | None  # the source image's caption, if any
-
-
-def _hr_sources(cfg: LRSetConfig) -> tuple[list[torch.Tensor], list[str | None]]:
-    if not cfg.hr_dir:
-        return [img for _, img in load_bundled(cfg.split)], []
-    folder = ImageFolder(Path(cfg.hr_dir).expanduser())
-    imgs, prompts = [], []
-    for i in range(len(folder)):
-        img = folder[i]
-        if min(img.shape[-2:]) < cfg.patch:
-            log.warning("skipping %s: %dx%d px is smaller than lr_set.patch=%d", folder.paths[i], img.shape[2], img.shape[1], cfg.patch)
-            continue
-        imgs.append(img)
-        prompts.append(folder.prompt(i))
-    if not imgs:
-        raise ImageError(f"{cfg.hr_dir}: no readable image of at least {cfg.patch}x{cfg.patch} px "
-                         f"(lr_set.patch); add larger HR images or lower lr_set.patch")
-    return imgs, prompts
-
-
-def make_lr_set(cfg: LRSetConfig) -> list[LRItem]:
-    """[(lr_id, lr [3,h,w], hr [3,H,W], prompt)] — same config, same crops and LR bytes."""
-    g = torch.Generator().manual_seed(cfg.seed)
-    imgs, prompts = _hr_sources(cfg)
-    hr, source = random_crops_with_source(imgs, cfg.n, cfg.patch, g)
-    if cfg.degradation == "realesrgan":
-        lr = RealESRGANDegradation(RealESRGANConfig(scale=cfg.scale))(hr, g)
-    elif cfg.degradation == "simple":
-        lr = simple_degradation(hr, cfg.scale, g, SimpleDegradationConfig())
-    else:
-        raise ValueError(f"degradation must be 'simple' or 'realesrgan', got {cfg.degradation!r}")
-    lr = (lr * 255).round() / 255  # what a PNG round trip keeps
-    return [LRItem(f"{cfg.split}{i:04d}", lr[i], hr[i], prompts[source[i]] if prompts else None) for i in range(cfg.n)]
 
 
 def noise_seed(base: int, lr_id: str, seed: int) -> int:
@@ -103,7 +36,8 @@ class GenerateConfig:
     m: int = ranged(16, ge=2)  # a group needs two candidates to rank
     sampler: str = ranged("ode", choices=SAMPLERS)
     steps: int = ranged(10, ge=1, le=1000)
-    chunk: int = ranged(8, ge=1)  # samples per policy call (seeds 0..M-1 are cut into fixed chunks)
+    chunk: int = ranged(8, ge=1)  # samples per LR per policy call (seeds 0..M-1 are cut into fixed chunks)
+    lr_batch: int = ranged(1, ge=1)  # LR images of equal size per policy call (the noise is per LR and seed: same candidates)
     seed: int = ranged(0, ge=0)
     lr_set: LRSetConfig = field(default_factory=LRSetConfig)
 
@@ -111,12 +45,14 @@ class GenerateConfig:
 @torch.no_grad()
 def generate(store: CandidateStore, policy: TinyPolicy, cfg: GenerateConfig, progress: bool = True) -> int:
     """Fill ``store`` with M candidates per LR from ``policy`` (the reference). Resumable and
-    idempotent; under torchrun each rank takes LR ids rank, rank+K, …. Returns #new images."""
+    idempotent; under torchrun each rank takes LR ids rank, rank+K, …. Each policy call samples
+    one chunk of seeds for up to ``lr_batch`` LR images of equal size; a candidate's noise depends
+    only on (seed, LR id, candidate seed), so the batching does not change it. Returns #new images."""
     validate(cfg)
     init_if_needed()
     rank, world = rank_world()
     if rank == 0:
-        for item in make_lr_set(cfg.lr_set):
+        for item in LRSet(cfg.lr_set):  # made block by block, written as it comes
             store.add_lr(item.lr_id, item.lr, item.hr, split=cfg.lr_set.split, prompt=item.prompt)
         store.set_meta("policy", policy.fingerprint())
     barrier()
@@ -124,24 +60,41 @@ def generate(store: CandidateStore, policy: TinyPolicy, cfg: GenerateConfig, pro
     ids = store.lr_ids(cfg.lr_set.split)[rank::world]
     chunks = [list(range(i, min(i + cfg.chunk, cfg.m))) for i in range(0, cfg.m, cfg.chunk)]
     new = 0
-    for lr_id in tqdm(ids, desc=f"generate[{rank}]", disable=not progress):
-        done = store.done_seeds(lr_id, cfg.sampler, cfg.steps, fp)
-        todo = [c for c in chunks if not set(c) <= done]
-        if not todo:
-            continue
-        lr, _ = store.load_lr(lr_id)
-        # once per LR, reused by every chunk
-        cond = condition_captioned(policy, lr[None], [store.prompt(lr_id)])
-        shape = policy.noise_shape(cond)[1:]
-        for seeds in todo:
-            noise = candidate_noise(shape, cfg.seed, lr_id, seeds)
-            # per-step noise of sde / ddpm: seeded by the chunk, so a seed always gives the same image
-            extra = {"generator": torch.Generator().manual_seed(noise_seed(cfg.seed + 1, lr_id, seeds[0]))} if cfg.sampler in STOCHASTIC_SAMPLERS else {}
-            imgs = policy.sample(cond, noise, sampler=cfg.sampler, steps=cfg.steps, **extra).images
-            for s, img in zip(seeds, imgs):
-                if s not in done:
-                    store.add_candidate(lr_id, s, cfg.sampler, cfg.steps, fp, img)
-                    new += 1
+    pbar = tqdm(total=len(ids), desc=f"generate[{rank}]", disable=not progress)
+    # sde / ddpm draw per-step noise from a generator seeded by (LR, chunk): one LR per call for those,
+    # so a seed always gives the same image whatever lr_batch is
+    per_call = 1 if cfg.sampler in STOCHASTIC_SAMPLERS else cfg.lr_batch
+    for b in range(0, len(ids), per_call):
+        group = ids[b : b + per_call]
+        pbar.update(len(group))
+        done, todo = {}, {}
+        for lr_id in group:
+            done[lr_id] = store.done_seeds(lr_id, cfg.sampler, cfg.steps, fp)
+            todo[lr_id] = [k for k, c in enumerate(chunks) if not set(c) <= done[lr_id]]
+        lrs = {lr_id: store.load_lr(lr_id)[0] for lr_id in group if todo[lr_id]}
+        by_size: dict[tuple[int, ...], list[str]] = {}
+        for lr_id, lr in lrs.items():
+            by_size.setdefault(tuple(lr.shape), []).append(lr_id)
+        for same in by_size.values():
+            # once per LR, reused by every chunk
+            cond = condition_captioned(policy, torch.stack([lrs[i] for i in same]), [store.prompt(i) for i in same])
+            shape = policy.noise_shape(cond)[1:]
+            for k, seeds in enumerate(chunks):
+                sel = [j for j, lr_id in enumerate(same) if k in todo[lr_id]]
+                if not sel:
+                    continue
+                sub = cond if len(sel) == len(same) else cond.index(torch.tensor(sel))
+                noise = torch.cat([candidate_noise(shape, cfg.seed, same[j], seeds) for j in sel])
+                extra = ({"generator": torch.Generator().manual_seed(noise_seed(cfg.seed + 1, same[sel[0]], seeds[0]))}
+                         if cfg.sampler in STOCHASTIC_SAMPLERS else {})
+                imgs = policy.sample(sub, noise, sampler=cfg.sampler, steps=cfg.steps, **extra).images  # rows grouped per LR
+                for r, j in enumerate(sel):
+                    lr_id = same[j]
+                    for s, img in zip(seeds, imgs[r * len(seeds) : (r + 1) * len(seeds)]):
+                        if s not in done[lr_id]:
+                            store.add_candidate(lr_id, s, cfg.sampler, cfg.steps, fp, img)
+                            new += 1
+    pbar.close()
     barrier()
     return new
 

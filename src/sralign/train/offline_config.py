@@ -21,7 +21,9 @@ class DP2OConfig:
     fr_metrics / nr_metrics: the hybrid reward's sets (built-in names or pyiqa:NAME).
 
     > Optimisation
-    beta, lr, steps, batch_pairs (pairs per micro-batch), grad_accum, warmup, grad_clip,
+    beta, lr, steps, batch_pairs (pairs per batch), micro_batch (pairs per forward/backward; 0 = the
+    whole batch at once; gradients are exact either way, so set it from the device memory only),
+    grad_accum (batches per optimizer step), warmup, grad_clip,
     weight_decay, t_min / t_max (timestep range of the DSM terms), mixed_precision ("no"|"bf16").
 
     > Bookkeeping
@@ -36,6 +38,7 @@ class DP2OConfig:
     lr: float = ranged(1e-4, gt=0)
     steps: int = ranged(150, ge=1)
     batch_pairs: int = ranged(16, ge=1)
+    micro_batch: int = ranged(0, ge=0)
     grad_accum: int = ranged(1, ge=1)
     warmup: int = ranged(10, ge=0)
     grad_clip: float = ranged(1.0, gt=0)

@@ -24,7 +24,7 @@ from ..policies.tiny import TinyPolicy
 from ..rewards.attribute import AttributeReward
 from ..rewards.base import MetricError
 from ..rewards.hybrid import HybridReward
-from .candidates import make_lr_set
+from ..data.lrset import LRSet
 from .accel import Accel
 from .checkpoint import check_resume, has_checkpoint, load_training_state, save_rank_generators, save_training_state
 from .ema import ParamEMA, trainable_named_parameters
@@ -56,11 +56,8 @@ class OnlineTrainer:
             raise ValueError(f"unknown online method {cfg.method!r}")
         self.policy, self.cfg, self.out = policy, cfg, Path(out)
         self.reward = reward or build_reward(cfg)
-        data = make_lr_set(cfg.lr_set)
-        self.ids = [d.lr_id for d in data]
-        self.prompts = [d.prompt for d in data]
-        self.lr = torch.stack([d.lr for d in data])
-        self.hr = torch.stack([d.hr for d in data])
+        self.data = LRSet(cfg.lr_set)  # items made on demand: the set is never stacked on the device
+        self.ids = [self.data.lr_id(i) for i in range(len(self.data))]
         policy.freeze_reference()
         self.accel = Accel()
         opt = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -68,7 +65,6 @@ class OnlineTrainer:
         # what trains (LoRA adapters on a diffusers backend): checkpointed, and averaged for rollouts
         self.trained = trainable_named_parameters(policy.model, policy.trainable_parameters())
         self.ema = ParamEMA(self.trained)
-        self.lr, self.hr = self.lr.to(self.accel.device), self.hr.to(self.accel.device)
         # each rank rolls out its own LR batch; one process reproduces the seed exactly
         self.gen = torch.Generator().manual_seed(cfg.seed + 1_000_003 * self.accel.rank)
         self.step = 0
@@ -95,11 +91,11 @@ class OnlineTrainer:
                 return self.policy.sample(cond, noise, sampler=sampler, steps=c.steps, generator=self.gen, noise_level=c.noise_level)
             return self.policy.sample(cond, noise, sampler=c.sampler, steps=c.steps)
 
-    def score(self, images: torch.Tensor, idx: list[int]):
+    def score(self, images: torch.Tensor, idx: list[int], hr: torch.Tensor):
         n, G = len(idx), self.cfg.group
         sr = images.reshape(n, G, *images.shape[1:])
         try:
-            out = self.reward(sr, self.hr[idx])
+            out = self.reward(sr, hr)
         except MetricError as e:
             raise NonFiniteRewardError(f"{e} — LR ids in this batch: {', '.join(self.ids[i] for i in idx)}") from None
         bad = ~torch.isfinite(out.total)
@@ -190,10 +186,11 @@ class OnlineTrainer:
             for g in self.opt.param_groups:
                 g["lr"] = warmup_lr(step, c.lr, c.warmup)
             idx = torch.randint(len(self.ids), (c.batch_lr,), generator=self.gen).tolist()
-            cond = condition_captioned(self.policy, self.lr[idx], [self.prompts[i] for i in idx])
+            _, lr, hr, prompts = self.data.batch(idx)
+            cond = condition_captioned(self.policy, lr.to(self.accel.device), prompts)
             samples = self.rollout(cond, len(idx))
             try:
-                rw = self.score(samples.images, idx)
+                rw = self.score(samples.images, idx, hr.to(self.accel.device))
             except NonFiniteRewardError:
                 self._save(ck)
                 if logger is not None:
