@@ -22,7 +22,7 @@ from sralign.train.online_config import DGPOConfig, GDPOConfig, GRPOConfig
 @pytest.fixture(scope="module")
 def scored_store(tmp_path_factory, policy_dir):  # noqa: F811
     d = tmp_path_factory.mktemp("st") / "store"
-    st = CandidateStore(d)
+    st = CandidateStore(d, create=True)
     generate(st, load_policy(str(policy_dir)), GenerateConfig(m=8, steps=2, lr_set=LRSetConfig(n=3, patch=32)), progress=False)
     score_store(st, ["psnr", "grad_fidelity", "brisque", "sharpness"], progress=False)
     return d

@@ -114,6 +114,16 @@ def cmd_degrade(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------- score
+def _open_store(path: str, create: bool = False, repair: bool = True):
+    """The candidate store at ``path`` (refused unless it is one, or ``create``), as a CLIError."""
+    from .data.store import CandidateStore, StoreError
+
+    try:
+        return CandidateStore(path, repair=repair, create=create)
+    except StoreError as e:
+        raise CLIError(str(e)) from None
+
+
 def cmd_score(args: argparse.Namespace) -> int:
     import csv
 
@@ -126,11 +136,11 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     if args.store:
         from .train.candidates import score_store
-        from .data.store import CandidateStore
 
         names = [n.strip() for n in args.metrics.split(",") if n.strip()]
+        store = _open_store(args.store)
         try:
-            n = score_store(CandidateStore(args.store), names, progress=not args.quiet)
+            n = score_store(store, names, progress=not args.quiet)
         except (MetricError, ValueError) as e:
             raise CLIError(str(e)) from None
         print(f"scored {n} new (candidate, metric) values in {args.store}")
@@ -215,7 +225,7 @@ def _policy(spec: str, model_path: str | None = None, start: float | None = None
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .data.store import CandidateStore
+    from .data.store import StoreError
     from .train.candidates import GenerateConfig, generate
     from .train.distributed import barrier, init_if_needed, rank_world
 
@@ -227,13 +237,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     cfg = load_config(GenerateConfig, args.config, ov)
     rank, _ = rank_world()
     init_if_needed()
-    # Rank 0 creates (or repairs) the store before the others open it: repair deletes
-    # half-written rows, which must not race with another rank's first writes.
-    store = CandidateStore(args.store, repair=True) if rank == 0 else None
+    # Rank 0 creates (or migrates) the store before the others open it (they refuse a
+    # folder without an index).
+    store = _open_store(args.store, create=True, repair=True) if rank == 0 else None
     barrier()
     if store is None:
-        store = CandidateStore(args.store, repair=False)
-    n = generate(store, _policy(args.policy, args.model_path, args.start), cfg, progress=not args.quiet)
+        store = _open_store(args.store, repair=False)
+    try:
+        n = generate(store, _policy(args.policy, args.model_path, args.start), cfg, progress=not args.quiet)
+    except StoreError as e:
+        raise CLIError(str(e)) from None
     print(f"rank {rank}: {n} new candidates in {args.store}")
     return 0
 
@@ -242,14 +255,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
 
     if args.method in ("dp2o", "dpo"):
-        from .data.store import CandidateStore
         from .train.offline import OfflineTrainer
         from .train.offline_config import DP2OConfig
 
         if not args.store:
             raise CLIError(f"--method {args.method} trains on a candidate store: pass --store DIR (made by `sralign generate` + `sralign score --store`)")
         cfg = load_config(DP2OConfig, args.config, [f"method={args.method}", *args.overrides])
-        store = CandidateStore(args.store, repair=False)
+        store = _open_store(args.store, repair=False)
         try:
             tr = OfflineTrainer(_policy(args.policy, args.model_path, args.start), store, cfg, args.out)
         except ValueError as e:

@@ -77,7 +77,7 @@ def run_demo(out: str | Path, quick: bool = False, progress: bool = True, config
     # 1. candidates from the frozen reference
     t0 = time.time()
     base = load_policy()
-    store = CandidateStore(out / "store")
+    store = CandidateStore(out / "store", create=True)
     generate(store, base, cfg.generate, progress=progress)
     phase("generate")
     t0 = time.time()

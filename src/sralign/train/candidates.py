@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -13,7 +14,7 @@ from tqdm.auto import tqdm
 
 from ..data.degradation import RealESRGANConfig, RealESRGANDegradation, SimpleDegradationConfig, simple_degradation
 from ..data.images import ImageError, ImageFolder, load_bundled, random_crops_with_source
-from ..data.store import CandidateStore
+from ..data.store import BlobError, CandidateStore, StoreError, spec_hash
 from ..losses import dp2o_pairs, hpo_weights
 from ..policies.base import condition_captioned
 from ..policies.tiny import TinyPolicy
@@ -95,62 +96,137 @@ class GenerateConfig:
     steps: int = 10
     chunk: int = 8  # samples per policy call (seeds 0..M-1 are cut into fixed chunks)
     seed: int = 0
+    verify: bool = True  # resuming: check every stored candidate's sha256 (false: only that its file exists)
     lr_set: LRSetConfig = field(default_factory=LRSetConfig)
+
+
+def lr_set_spec(cfg: LRSetConfig) -> dict:
+    """The LR-set definition as stored in a key (``hr_dir`` made absolute)."""
+    spec = asdict(cfg)
+    if spec.get("hr_dir"):
+        spec["hr_dir"] = str(Path(spec["hr_dir"]).expanduser().resolve())
+    return spec
+
+
+def policy_spec(policy: TinyPolicy) -> dict:
+    """What identifies a policy's samples: its class, weights fingerprint, config dataclass (ODE
+    start, guidance, prompt, preset…), base model folder and parameter dtypes per component."""
+    spec: dict = {"type": type(policy).__name__, "fingerprint": policy.fingerprint()}
+    cfg = getattr(policy, "config", None)
+    if is_dataclass(cfg):
+        spec["config"] = asdict(cfg)
+    base = getattr(policy, "base_path", None)
+    if base:
+        spec["base_path"] = str(Path(base).expanduser().resolve())
+    for attr in ("preset", "dtype"):
+        v = getattr(policy, attr, None)
+        if v is not None:
+            spec[attr] = str(v)
+    extra = getattr(policy, "generation_settings", None)
+    if callable(extra):
+        spec["settings"] = extra()
+    model = getattr(policy, "model", None)
+    if isinstance(model, torch.nn.Module):
+        spec["dtypes"] = {name: sorted({str(p.dtype) for p in child.parameters()}) for name, child in model.named_children()} \
+            or sorted({str(p.dtype) for p in model.parameters()})
+    return spec
+
+
+def generation_key(policy: TinyPolicy, cfg: GenerateConfig) -> tuple[dict, dict, str]:
+    """(key spec, LR-set spec, description) of the candidates ``generate`` makes: everything
+    that determines a candidate's image except the LR id and seed (M and chunk are left out:
+    more seeds extend a key; chunking changes no noise)."""
+    pol = policy_spec(policy)
+    lrs = lr_set_spec(cfg.lr_set)
+    spec = {"version": 1, "policy": pol, "sampler": cfg.sampler, "steps": cfg.steps, "seed": cfg.seed, "lr_set": lrs}
+    pcfg = pol.get("config", {})
+    knobs = [f"{k}={pcfg[k]}" for k in ("ode_start", "guidance_scale", "prompt") if k in pcfg]
+    knobs += [f"{k}={pol[k]}" for k in ("preset", "dtype") if k in pol]
+    src = lrs["hr_dir"] or "bundled"
+    desc = (f"{pol['type']} {pol['fingerprint'][:8]}, {cfg.sampler} {cfg.steps} steps, seed {cfg.seed}"
+            + (", " + ", ".join(knobs) if knobs else "")
+            + f"; LR set {lrs['split']} ({src}) n={lrs['n']} patch={lrs['patch']} x{lrs['scale']} {lrs['degradation']} seed {lrs['seed']}")
+    return spec, lrs, desc
 
 
 @torch.no_grad()
 def generate(store: CandidateStore, policy: TinyPolicy, cfg: GenerateConfig, progress: bool = True) -> int:
-    """Fill ``store`` with M candidates per LR from ``policy`` (the reference). Resumable and
-    idempotent; under torchrun each rank takes LR ids rank, rank+K, …. Returns #new images."""
+    """Fill ``store`` with M candidates per LR from ``policy`` (the reference), under this run's
+    generation key (``generation_key``). Resumable and idempotent; stored candidates whose files
+    are missing or altered are regenerated. Under torchrun each rank takes LR ids rank,
+    rank+K, …. Returns #new images (regenerated ones included)."""
     init_if_needed()
     rank, world = rank_world()
+    spec, lrs, desc = generation_key(policy, cfg)
+    lrset = spec_hash(lrs)
     if rank == 0:
         for item in make_lr_set(cfg.lr_set):
-            store.add_lr(item.lr_id, item.lr, item.hr, split=cfg.lr_set.split, prompt=item.prompt)
-        store.set_meta("policy", policy.fingerprint())
+            store.add_lr(item.lr_id, item.lr, item.hr, split=cfg.lr_set.split, prompt=item.prompt, lrset=lrset)
+        store.register_key(spec, lrset, desc)
     barrier()
-    fp = policy.fingerprint()
-    ids = store.lr_ids(cfg.lr_set.split)[rank::world]
+    key = spec_hash(spec)
+    ids = store.lr_ids(cfg.lr_set.split, lrset=lrset)[rank::world]
     chunks = [list(range(i, min(i + cfg.chunk, cfg.m))) for i in range(0, cfg.m, cfg.chunk)]
     new = 0
     for lr_id in tqdm(ids, desc=f"generate[{rank}]", disable=not progress):
-        done = store.done_seeds(lr_id, cfg.sampler, cfg.steps, fp)
+        done = set()
+        for c in store.candidates(lr_id, key=key):
+            if store.blob_ok(c.sha256, check_hash=cfg.verify):
+                done.add(c.seed)
+            else:
+                log.warning("regenerating candidate %d (LR %s, seed %d): %s is missing or altered",
+                            c.cid, lr_id, c.seed, store.root / c.path)
         todo = [c for c in chunks if not set(c) <= done]
         if not todo:
             continue
-        lr, _ = store.load_lr(lr_id)
+        lr, _ = store.load_lr(lr_id, lrset=lrset)
         # once per LR, reused by every chunk
-        cond = condition_captioned(policy, lr[None], [store.prompt(lr_id)])
+        cond = condition_captioned(policy, lr[None], [store.prompt(lr_id, lrset=lrset)])
         shape = policy.noise_shape(cond)[1:]
         for seeds in todo:
             noise = candidate_noise(shape, cfg.seed, lr_id, seeds)
             imgs = policy.sample(cond, noise, sampler=cfg.sampler, steps=cfg.steps).images
             for s, img in zip(seeds, imgs):
                 if s not in done:
-                    store.add_candidate(lr_id, s, cfg.sampler, cfg.steps, fp, img)
+                    store.add_candidate(key, lr_id, s, img)
                     new += 1
     barrier()
     return new
 
 
 def score_store(store: CandidateStore, metric_names: list[str], progress: bool = True) -> int:
-    """Score every candidate that lacks a metric (batched per LR group). Resumable."""
+    """Score every candidate that lacks a metric (batched per LR group). Resumable; a no-op
+    looks only at candidates added since the last complete scoring (an indexed range query).
+    Candidates whose files are missing or altered are skipped and then reported in one
+    ``StoreError`` (after the others are scored)."""
     metrics = [get_metric(n) for n in metric_names]
-    todo_ids = {m.name: set(c.cid for c in store.candidates()) - store.scored(m.name) for m in metrics}
+    names = [m.name for m in metrics]
+    top, stream = store.unscored(names)
     n_new = 0
-    for lr_id in tqdm(store.lr_ids(), desc="score", disable=not progress):
-        cands = store.candidates(lr_id)
-        need = [c for c in cands if any(c.cid in todo_ids[m.name] for m in metrics)]
+    bad: list[BlobError] = []
+    bad_cids: list[int] = []
+    groups = itertools.groupby(stream, key=lambda t: (t[0].key_id, t[0].lr_id))
+    for (key, lr_id), items in tqdm(groups, desc="score", disable=not progress):
+        need, lack, imgs = [], [], []
+        for c, missing in items:
+            try:
+                imgs.append(store.read_candidate(c))
+            except BlobError as e:
+                bad.append(e)
+                bad_cids.append(c.cid)
+                continue
+            need.append(c)
+            lack.append(missing)
         if not need:
             continue
-        _, hr = store.load_lr(lr_id)
-        imgs = torch.stack([store.read_image(c.path) for c in need])
+        _, hr = store.load_lr(lr_id, key=key)
+        x_all = torch.stack(imgs)
         rows = []
         for m in metrics:
-            sel = [i for i, c in enumerate(need) if c.cid in todo_ids[m.name]]
+            sel = [i for i, ms in enumerate(lack) if m.name in ms]
             if not sel:
                 continue
-            x = imgs[sel]
+            x = x_all[sel]
             vals = m(x, hr[None].expand_as(x) if m.kind == "FR" else None)
             for i, v in zip(sel, vals.tolist()):
                 if v != v or v in (float("inf"), float("-inf")):
@@ -158,6 +234,11 @@ def score_store(store: CandidateStore, metric_names: list[str], progress: bool =
                 rows.append((need[i].cid, m.name, float(v)))
         store.set_scores(rows)
         n_new += len(rows)
+    store.mark_scored(names, min([top, *(c - 1 for c in bad_cids)]))
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise StoreError(f"scored {n_new} new values; {len(bad)} candidate file(s) missing or altered, not scored: "
+                         f"{bad[0]}{more}")
     return n_new
 
 
@@ -169,44 +250,51 @@ class Pair:
     weight: float
     r_w: float
     r_l: float
+    key_id: str = ""  # the generation key both candidates belong to
 
 
-def build_pairs(store: CandidateStore, reward: HybridReward, n: int, method: str = "dp2o") -> list[Pair]:
-    """DP²O: top-N × bottom-N pairs per LR with HPO weights; DPO: best vs worst, weight 1."""
-    raw = {m.name: store.scores(m.name) for m in reward.metrics}
+def build_pairs(store: CandidateStore, reward: HybridReward, n: int, method: str = "dp2o", key: str | None = None) -> list[Pair]:
+    """DP²O: top-N × bottom-N pairs per LR with HPO weights; DPO: best vs worst, weight 1.
+
+    Pairs come from one generation key: ``key`` (a hash prefix), or the store's only key
+    (several keys and none chosen: ``StoreError`` listing them). Streams the scores per LR
+    group (one indexed query)."""
+    if method not in ("dp2o", "dpo"):
+        raise ValueError(f"method must be dp2o or dpo, got {method!r}")
+    key_id = store.resolve_key(key)
+    names = [m.name for m in reward.metrics]
     groups = []
-    for lr_id in store.lr_ids():
-        cands = store.candidates(lr_id)
-        missing = [m for m in raw if any(c.cid not in raw[m] for c in cands)]
+    for lr_id, rows in store.grouped(key_id, names):
+        missing = [m for j, m in enumerate(names) if any(r[2 + j] is None for r in rows)]
         if missing:
             raise ValueError(f"LR {lr_id} has unscored candidates for {missing}; run `sralign score --store` first")
-        if len(cands) < 2:
+        if len(rows) < 2:
             continue
-        scores = {k: torch.tensor([[v[c.cid] for c in cands]]) for k, v in raw.items()}
+        scores = {m: torch.tensor([[r[2 + j] for r in rows]]) for j, m in enumerate(names)}
         r = reward.from_scores(scores).total[0]
-        groups.append((lr_id, cands, r))
+        groups.append((lr_id, [row[0] for row in rows], r))
     pairs: list[Pair] = []
     if method == "dpo":
-        for lr_id, cands, r in groups:
+        for lr_id, cids, r in groups:
             iw, il = int(r.argmax()), int(r.argmin())
             if iw != il:
-                pairs.append(Pair(lr_id, cands[iw].cid, cands[il].cid, 1.0, float(r[iw]), float(r[il])))
+                pairs.append(Pair(lr_id, cids[iw], cids[il], 1.0, float(r[iw]), float(r[il]), key_id))
         return pairs
-    if method != "dp2o":
-        raise ValueError(f"method must be dp2o or dpo, got {method!r}")
+    if not groups:
+        return pairs
     stds = torch.stack([r.std(unbiased=False) for _, _, r in groups])
     all_w, all_l, gid = [], [], []
     idx = []
-    for g, (lr_id, cands, r) in enumerate(groups):
+    for g, (lr_id, cids, r) in enumerate(groups):
         iw, il = dp2o_pairs(r, n)
         all_w.append(r[iw])
         all_l.append(r[il])
         gid.append(torch.full((len(iw),), g))
-        idx.append((lr_id, cands, iw, il, r))
+        idx.append((lr_id, cids, iw, il, r))
     w = hpo_weights(torch.cat(all_w), torch.cat(all_l), torch.cat(gid), stds)
     k = 0
-    for lr_id, cands, iw, il, r in idx:
+    for lr_id, cids, iw, il, r in idx:
         for a, b in zip(iw.tolist(), il.tolist()):
-            pairs.append(Pair(lr_id, cands[a].cid, cands[b].cid, float(w[k]), float(r[a]), float(r[b])))
+            pairs.append(Pair(lr_id, cids[a], cids[b], float(w[k]), float(r[a]), float(r[b]), key_id))
             k += 1
     return pairs

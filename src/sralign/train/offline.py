@@ -42,20 +42,19 @@ class OfflineTrainer:
     def __init__(self, policy: TinyPolicy, store: CandidateStore, cfg: DP2OConfig, out: str | Path):
         self.policy, self.store, self.cfg, self.out = policy, store, cfg, Path(out)
         self.reward = HybridReward.from_names(cfg.fr_metrics, cfg.nr_metrics)
-        self.pairs: list[Pair] = build_pairs(store, self.reward, cfg.n, cfg.method)
+        self.pairs: list[Pair] = build_pairs(store, self.reward, cfg.n, cfg.method, key=cfg.store_key or None)
         if not self.pairs:
             raise ValueError("no preference pairs: every group's candidates scored equal, or the store is empty")
         self._img: dict[int, torch.Tensor] = {}
         self._lr: dict[str, torch.Tensor] = {}
         self._prompt: dict[str, str | None] = {}
-        by_cid = {c.cid: c for c in store.candidates()}
         for p in self.pairs:
             for cid in (p.cid_w, p.cid_l):
                 if cid not in self._img:
-                    self._img[cid] = store.read_image(by_cid[cid].path)
+                    self._img[cid] = store.read_candidate(cid)  # sha256 checked
             if p.lr_id not in self._lr:
-                self._lr[p.lr_id] = store.load_lr(p.lr_id)[0]
-                self._prompt[p.lr_id] = store.prompt(p.lr_id)
+                self._lr[p.lr_id] = store.load_lr(p.lr_id, key=p.key_id)[0]
+                self._prompt[p.lr_id] = store.prompt(p.lr_id, key=p.key_id)
         policy.freeze_reference()
         self.accel = Accel(cfg.mixed_precision)
         opt = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -17,6 +17,8 @@ class DP2OConfig:
     method: "dp2o" (top-N × bottom-N pairs, HPO weights) or "dpo" (best vs worst, weight 1).
     n: N, the top/bottom count per group (2N ≤ M).
     fr_metrics / nr_metrics: the hybrid reward's sets (built-in names or pyiqa:NAME).
+    store_key: which generation key of the store to train on (a hash prefix, as `train`
+    lists them); empty: the store's only key.
 
     > Optimisation
     beta, lr, steps, batch_pairs (pairs per micro-batch), grad_accum, warmup, grad_clip,
@@ -30,6 +32,7 @@ class DP2OConfig:
     n: int = 4
     fr_metrics: list[str] = field(default_factory=lambda: ["psnr", "grad_fidelity"])
     nr_metrics: list[str] = field(default_factory=lambda: ["brisque", "sharpness"])
+    store_key: str = ""
     beta: float = 5000.0
     lr: float = 1e-4
     steps: int = 150
