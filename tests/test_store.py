@@ -163,15 +163,20 @@ def _reference_pairs(st, reward, n):
         ws.append(r[iw]), ls.append(r[il]), gid.append(torch.full((len(iw),), g))
         out += [(cands[a].cid, cands[b].cid) for a, b in zip(iw.tolist(), il.tolist())]
     w = hpo_weights(torch.cat(ws), torch.cat(ls), torch.cat(gid), stds)
-    return [(a, b, float(x)) for (a, b), x in zip(out, w)]
+    dpo = [(cands[int(r.argmax())].cid, cands[int(r.argmin())].cid) for cands, r in groups if int(r.argmax()) != int(r.argmin())]
+    return [(a, b, float(x)) for (a, b), x in zip(out, w)], dpo
 
 
 def test_streamed_pairs_equal_the_in_memory_reference(tmp_path, policy_dir):
     st = _small_store(tmp_path, policy_dir, m=8, lr_set=LRSetConfig(n=5, patch=16))
     score_store(st, ["psnr", "sharpness"], progress=False)
+    st.add_candidate(st.keys()[0].key_id, "train0003", 8, torch.rand(3, 16, 16))  # one group of another size
+    score_store(st, ["psnr", "sharpness"], progress=False)
     rw = HybridReward.from_names(["psnr"], ["sharpness"])
     got = [(p.cid_w, p.cid_l, p.weight) for p in build_pairs(st, rw, n=2)]
-    assert got == _reference_pairs(st, rw, 2) and len(got) == 5 * 4
+    want, want_dpo = _reference_pairs(st, rw, 2)
+    assert got == want and len(got) == 5 * 4
+    assert [(p.cid_w, p.cid_l) for p in build_pairs(st, rw, n=2, method="dpo")] == want_dpo and len(want_dpo) == 5
 
 
 def test_generation_survives_kill_minus_9(tmp_path, policy_dir):
@@ -553,7 +558,7 @@ def test_a_malformed_index_is_refused_with_a_message(tmp_path):
     (d / "index.sqlite").write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(StoreError, match="not a readable sralign index"):
         CandidateStore(d)
-    assert (d / "index.sqlite").read_bytes() == b"this is not sqlite" * 100
+    assert (d / "index.sqlite").read_bytes() == b"this is not sqlite" * 100 and not (d / "images").exists()
 
 
 # --------------------------------------------------------------------------- scale: the queries use indexes
@@ -586,3 +591,19 @@ def test_a_noop_score_reads_only_rows_added_since_the_last_scoring(tmp_path):
     st.add_candidate(key, "a", 3, torch.rand(3, 16, 16))
     assert [c.seed for c, _ in st.unscored(["psnr"])[1]] == [3]
     assert score_store(st, ["psnr"], progress=False) == 1
+
+
+def test_an_lr_image_that_changed_on_disk_is_refused_and_its_blob_cleaned(tmp_path):
+    st = CandidateStore(tmp_path / "s", create=True)
+    x, y = torch.zeros(3, 4, 4), torch.ones(3, 4, 4)
+    st.add_lr("a", x, lrset="set1")
+    st.add_lr("a", x, lrset="set1")  # the same image again: fine
+    with pytest.raises(StoreError, match="LR image a differs"):
+        st.add_lr("a", y, lrset="set1")
+    st.add_lr("b", x, lrset="set1")  # a later successful write keeps the failed one in the journal
+    y_sha = hashlib.sha256(png_bytes(y)).hexdigest()
+    assert (st.root / blob_rel(y_sha)).exists()
+    st.close()
+    assert CandidateStore(tmp_path / "s", repair=False).repair()["orphans"] == 1
+    assert not (st.root / blob_rel(y_sha)).exists()
+    assert CandidateStore(tmp_path / "s").load_lr("a", lrset="set1")[0].sum() == 0

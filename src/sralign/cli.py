@@ -122,6 +122,8 @@ def _open_store(path: str, create: bool = False, repair: bool = True):
         return CandidateStore(path, repair=repair, create=create)
     except StoreError as e:
         raise CLIError(str(e)) from None
+    except OSError as e:  # permissions, a full disk
+        raise CLIError(f"{e.filename or path}: {e.strerror}") from None
 
 
 def cmd_score(args: argparse.Namespace) -> int:

@@ -83,7 +83,7 @@ CREATE TABLE IF NOT EXISTS candidates (
     key_id TEXT NOT NULL, lr_id TEXT NOT NULL, seed INTEGER NOT NULL,
     sha256 TEXT NOT NULL, path TEXT NOT NULL, UNIQUE (key_id, lr_id, seed));
 CREATE TABLE IF NOT EXISTS scores (
-    cid INTEGER NOT NULL, metric TEXT NOT NULL, value REAL NOT NULL, PRIMARY KEY (cid, metric));
+    cid INTEGER NOT NULL, metric TEXT NOT NULL, value REAL NOT NULL, PRIMARY KEY (cid, metric)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS score_marks (metric TEXT PRIMARY KEY, cid INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS candidates_by_lr ON candidates (lr_id, seed);
 CREATE INDEX IF NOT EXISTS candidates_by_sha ON candidates (sha256);
@@ -177,6 +177,7 @@ class CandidateStore:
         self._journal_fd: int | None = None
         self._journal_name = ""
         self._journal_pending = False
+        self._journal_keep: list[str] = []
         self._lock_fd: int | None = None
         self.db: sqlite3.Connection | None = None
         index = self.root / INDEX
@@ -193,7 +194,6 @@ class CandidateStore:
                 raise StoreError(f"{self.root / name} is a symbolic link; a store's own files must be real files "
                                  f"inside it (refusing to follow it)")
         self.root.mkdir(parents=True, exist_ok=True)
-        (self.root / IMAGES).mkdir(exist_ok=True)
         self._lock_fd = os.open(self.root / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         try:
             self.db = sqlite3.connect(str(index), timeout=timeout, isolation_level=None)
@@ -205,6 +205,7 @@ class CandidateStore:
         except BaseException:
             self.close()
             raise
+        self._real_dir(IMAGES, make=True)  # only once the index is known to be sralign's
         if repair:
             self.repair()
 
@@ -274,6 +275,7 @@ class CandidateStore:
             has_prompts = "prompts" in self._tables()
             db.execute("ALTER TABLE lr RENAME TO lr_v1")
             db.execute("ALTER TABLE candidates RENAME TO candidates_v1")
+            db.execute("ALTER TABLE scores RENAME TO scores_v1")
             for stmt in SCHEMA.split(";"):
                 if stmt.strip():
                     db.execute(stmt)
@@ -290,6 +292,8 @@ class CandidateStore:
                 db.execute("INSERT INTO candidates (cid, key_id, lr_id, seed, sha256, path) SELECT cid, ?, lr_id, seed, "
                            "sha256, path FROM candidates_v1 WHERE policy=? AND sampler=? AND steps=? ORDER BY cid",
                            (key, policy, sampler, steps))
+            db.execute("INSERT INTO scores SELECT cid, metric, value FROM scores_v1")
+            db.execute("DROP TABLE scores_v1")
             db.execute("DROP TABLE candidates_v1")
             db.execute("DROP TABLE lr_v1")
             if has_prompts:
@@ -420,6 +424,7 @@ class CandidateStore:
         """Write each blob (unless a verified copy is there) and run ``commit(shas)``, all under
         the shared lock, with the blobs in this writer's journal until the commit returns."""
         shas = [hashlib.sha256(d).hexdigest() for d in datas]
+        lines: list[str] = []
         with self._writing():
             jfd = self._journal()
             for data, sha in zip(datas, shas):
@@ -430,17 +435,25 @@ class CandidateStore:
                 if self._blob_ok(sha, path, "new image"):
                     continue
                 tmp = f".tmp-{os.getpid()}-{secrets.token_hex(6)}.png"
-                os.write(jfd, f"{sha} {tmp}\n".encode())
+                line = f"{sha} {tmp}\n"
+                os.write(jfd, line.encode())
+                lines.append(line)
                 self._journal_pending = True
                 fd = os.open(d / tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)
                 os.replace(d / tmp, path)
                 self._verified.add(sha)
-            out = commit(shas)
+            try:
+                out = commit(shas)
+            except BaseException:
+                self._journal_keep += lines  # never committed: left for the repair after this writer
+                raise
             if self._journal_pending:
                 os.ftruncate(jfd, 0)
-                self._journal_pending = False
+                if self._journal_keep:
+                    os.write(jfd, "".join(self._journal_keep).encode())
+                self._journal_pending = bool(self._journal_keep)
         return out
 
     def _blob_path(self, sha: str, rel: str | None, where: str) -> Path:

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from ..data.degradation import RealESRGANConfig, RealESRGANDegradation, SimpleDegradationConfig, simple_degradation
 from ..data.images import ImageError, ImageFolder, load_bundled, random_crops_with_source
 from ..data.store import BlobError, CandidateStore, StoreError, spec_hash
-from ..losses import dp2o_pairs, hpo_weights
+from ..losses import hpo_weights
 from ..policies.base import condition_captioned
 from ..policies.tiny import TinyPolicy
 from ..rewards.hybrid import HybridReward
@@ -149,6 +149,11 @@ def generation_key(policy: TinyPolicy, cfg: GenerateConfig) -> tuple[dict, dict,
     return spec, lrs, desc
 
 
+def generation_key_id(policy: TinyPolicy, cfg: GenerateConfig) -> str:
+    """The store key (64 hex) under which ``generate(store, policy, cfg)`` stores candidates."""
+    return spec_hash(generation_key(policy, cfg)[0])
+
+
 @torch.no_grad()
 def generate(store: CandidateStore, policy: TinyPolicy, cfg: GenerateConfig, progress: bool = True) -> int:
     """Fill ``store`` with M candidates per LR from ``policy`` (the reference), under this run's
@@ -257,44 +262,61 @@ def build_pairs(store: CandidateStore, reward: HybridReward, n: int, method: str
     """DP²O: top-N × bottom-N pairs per LR with HPO weights; DPO: best vs worst, weight 1.
 
     Pairs come from one generation key: ``key`` (a hash prefix), or the store's only key
-    (several keys and none chosen: ``StoreError`` listing them). Streams the scores per LR
-    group (one indexed query)."""
+    (several keys and none chosen: ``StoreError`` listing them). The scores stream in per LR
+    group (one indexed query); rewards are computed for all groups of one size at once (row-wise,
+    so each group's values are those of a per-group computation)."""
     if method not in ("dp2o", "dpo"):
         raise ValueError(f"method must be dp2o or dpo, got {method!r}")
     key_id = store.resolve_key(key)
     names = [m.name for m in reward.metrics]
-    groups = []
+    lr_ids: list[str] = []
+    cids: list[list[int]] = []
+    vals: list[list[tuple]] = []
     for lr_id, rows in store.grouped(key_id, names):
         missing = [m for j, m in enumerate(names) if any(r[2 + j] is None for r in rows)]
         if missing:
             raise ValueError(f"LR {lr_id} has unscored candidates for {missing}; run `sralign score --store` first")
         if len(rows) < 2:
             continue
-        scores = {m: torch.tensor([[r[2 + j] for r in rows]]) for j, m in enumerate(names)}
-        r = reward.from_scores(scores).total[0]
-        groups.append((lr_id, [row[0] for row in rows], r))
+        lr_ids.append(lr_id)
+        cids.append([r[0] for r in rows])
+        vals.append([r[2:] for r in rows])
+    # per group size: rewards [B, G], and for dp2o the N² (winner, loser) indices per row,
+    # exactly what ``dp2o_pairs`` gives each row (stable sort)
+    per_group: list[tuple] = [()] * len(lr_ids)
+    by_size: dict[int, list[int]] = {}
+    for g, c in enumerate(cids):
+        by_size.setdefault(len(c), []).append(g)
+    for size, gs in by_size.items():
+        v = torch.tensor([vals[g] for g in gs])  # [B, G, metrics], float32 as before
+        total = reward.from_scores({m: v[:, :, j].contiguous() for j, m in enumerate(names)}).total
+        if method == "dpo":
+            iw, il = total.argmax(dim=1, keepdim=True), total.argmin(dim=1, keepdim=True)
+        else:
+            if n < 1 or 2 * n > size:
+                raise ValueError(f"need 1 <= N and 2N <= M, got N={n}, M={size} (LR {lr_ids[gs[0]]})")
+            order = torch.sort(total, dim=1, descending=True, stable=True).indices
+            iw, il = order[:, :n].repeat_interleave(n, dim=1), order[:, size - n:].repeat(1, n)
+        std = total.std(dim=1, unbiased=False)
+        rw, rl = total.gather(1, iw), total.gather(1, il)
+        for i, g in enumerate(gs):
+            per_group[g] = (iw[i].tolist(), il[i].tolist(), rw[i], rl[i], std[i])
     pairs: list[Pair] = []
     if method == "dpo":
-        for lr_id, cids, r in groups:
-            iw, il = int(r.argmax()), int(r.argmin())
-            if iw != il:
-                pairs.append(Pair(lr_id, cids[iw], cids[il], 1.0, float(r[iw]), float(r[il]), key_id))
+        for lr_id, c, (iw, il, rw, rl, _) in zip(lr_ids, cids, per_group):
+            if iw[0] != il[0]:
+                pairs.append(Pair(lr_id, c[iw[0]], c[il[0]], 1.0, float(rw[0]), float(rl[0]), key_id))
         return pairs
-    if not groups:
+    if not lr_ids:
         return pairs
-    stds = torch.stack([r.std(unbiased=False) for _, _, r in groups])
-    all_w, all_l, gid = [], [], []
-    idx = []
-    for g, (lr_id, cids, r) in enumerate(groups):
-        iw, il = dp2o_pairs(r, n)
-        all_w.append(r[iw])
-        all_l.append(r[il])
-        gid.append(torch.full((len(iw),), g))
-        idx.append((lr_id, cids, iw, il, r))
-    w = hpo_weights(torch.cat(all_w), torch.cat(all_l), torch.cat(gid), stds)
+    rw = torch.cat([t[2] for t in per_group])
+    rl = torch.cat([t[3] for t in per_group])
+    gid = torch.arange(len(per_group)).repeat_interleave(torch.tensor([len(t[0]) for t in per_group]))
+    w = hpo_weights(rw, rl, gid, torch.stack([t[4] for t in per_group])).tolist()
+    rw, rl = rw.tolist(), rl.tolist()
     k = 0
-    for lr_id, cids, iw, il, r in idx:
-        for a, b in zip(iw.tolist(), il.tolist()):
-            pairs.append(Pair(lr_id, cids[a], cids[b], float(w[k]), float(r[a]), float(r[b]), key_id))
+    for lr_id, c, (iw, il, *_) in zip(lr_ids, cids, per_group):
+        for a, b in zip(iw, il):
+            pairs.append(Pair(lr_id, c[a], c[b], w[k], rw[k], rl[k], key_id))
             k += 1
     return pairs
