@@ -194,9 +194,13 @@ class CandidateStore:
                 raise StoreError(f"{self.root / name} is a symbolic link; a store's own files must be real files "
                                  f"inside it (refusing to follow it)")
         self.root.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = os.open(self.root / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         try:
             self.db = sqlite3.connect(str(index), timeout=timeout, isolation_level=None)
+            tables = self._retry(self._tables, tries=100)  # a damaged file fails here, before anything is written
+            if not create and tables and not {"meta", "candidates"} <= tables:
+                raise StoreError(f"{index}: an SQLite file without sralign's tables; not a candidate store "
+                                 f"(`sralign generate --store DIR` creates stores)")
+            self._lock_fd = os.open(self.root / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
             self._open_schema(create)
         except sqlite3.DatabaseError as e:
             self.close()
