@@ -80,7 +80,6 @@ def test_random_sequences_never_lose_or_mix_candidates(tmp_path, policy_dir, one
     reward = HybridReward.from_names(["psnr"], [])
     ctx = mp.get_context("fork")
     rng = random.Random(1234)
-    t0 = time.time()
     kills = trains = 0
     for seq in range(SEQUENCES):
         root = tmp_path / f"s{seq}"
@@ -121,4 +120,3 @@ def test_random_sequences_never_lose_or_mix_candidates(tmp_path, policy_dir, one
         st.close()
     assert kills >= 10, kills  # the kill steps did kill writers mid-run
     assert trains >= 1
-    assert time.time() - t0 < 600  # bounded (about 40 s on an idle 2-core machine)
