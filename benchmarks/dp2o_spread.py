@@ -51,7 +51,7 @@ def main() -> None:
         return p
 
     gen = GenerateConfig(m=a.m, steps=10, lr_set=LRSetConfig(n=a.n_lr, patch=64))
-    store = CandidateStore(a.store or out / "store")
+    store = CandidateStore(a.store or out / "store", create=True)
     generate(store, policy(), gen, progress=False)
     base = DP2OConfig()
     score_store(store, sorted(set(base.fr_metrics + base.nr_metrics)), progress=False)

@@ -82,7 +82,7 @@ def train_one_step(pol, method: str, tmp_path, sampler: str = "ode", steps: int 
         OnlineTrainer(pol, cfg, tmp_path / method).train(progress=False)
         assert_checkpoint_holds_lora_only(tmp_path / method / "checkpoint", ("trained.", "ema."))
     else:
-        st = CandidateStore(tmp_path / "store")
+        st = CandidateStore(tmp_path / "store", create=True)
         generate(st, pol, GenerateConfig(m=4, sampler=sampler, steps=steps, lr_set=LRSetConfig(n=2, patch=32)), progress=False)
         score_store(st, ["psnr", "sharpness"], progress=False)
         cfg = DP2OConfig(method=method, steps=1, batch_pairs=2, n=1, **METRICS)

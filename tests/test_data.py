@@ -173,7 +173,7 @@ def test_lr_set_from_your_own_hr_folder_with_captions(tmp_path, caplog):
 def test_store_keeps_captions(tmp_path):
     from sralign.data.store import CandidateStore
 
-    st = CandidateStore(tmp_path / "s")
+    st = CandidateStore(tmp_path / "s", create=True)
     st.add_lr("a", torch.rand(3, 8, 8), prompt="a brick wall")
     st.add_lr("b", torch.rand(3, 8, 8))
     assert st.prompt("a") == "a brick wall" and st.prompt("b") is None

@@ -219,8 +219,10 @@ def test_generate_with_preset_samples_ddpm(cn_text_folder, tmp_path):
             "--n-lr", "1", "--quiet", "lr_set.patch=32", "policy.guidance_scale=1.0"]
     assert main([*args, "--store", str(tmp_path / "a")]) == 0
     assert main([*args, "--store", str(tmp_path / "b")]) == 0
-    rows_a, rows_b = CandidateStore(tmp_path / "a").rows(), CandidateStore(tmp_path / "b").rows()
-    assert len(rows_a) == 2 and all(r[2] == "ddpm" and r[3] == 2 for r in rows_a)
+    st_a = CandidateStore(tmp_path / "a")
+    rows_a, rows_b = st_a.rows(), CandidateStore(tmp_path / "b").rows()
+    (key,) = st_a.keys(with_candidates=True)
+    assert len(rows_a) == 2 and key.spec["sampler"] == "ddpm" and key.spec["steps"] == 2
     assert [r[-1] for r in rows_a] == [r[-1] for r in rows_b] and rows_a[0][-1] != rows_a[1][-1]
 
 

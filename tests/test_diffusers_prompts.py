@@ -159,7 +159,7 @@ def test_captions_of_your_hr_folder_reach_every_trainer_and_eval(sd_text_folder,
         return inner(lr, prompts=prompts)
 
     pol.condition = spy
-    st = CandidateStore(tmp_path / "store")
+    st = CandidateStore(tmp_path / "store", create=True)
     generate(st, pol, GenerateConfig(m=4, sampler="onestep", steps=1, lr_set=lr_set), progress=False)
     captions = {st.prompt(i) for i in st.lr_ids()}
     assert "a photo of a cat" in captions

@@ -211,6 +211,18 @@ def cmd_degrade(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------- score
+def _open_store(path: str, create: bool = False, repair: bool = True):
+    """The candidate store at ``path`` (refused unless it is one, or ``create``), as a CLIError."""
+    from .data.store import CandidateStore, StoreError
+
+    try:
+        return CandidateStore(path, repair=repair, create=create)
+    except StoreError as e:
+        raise CLIError(str(e)) from None
+    except OSError as e:  # permissions, a full disk
+        raise CLIError(f"{e.filename or path}: {e.strerror}") from None
+
+
 def cmd_score(args: argparse.Namespace) -> int:
     import csv
 
@@ -225,14 +237,14 @@ def cmd_score(args: argparse.Namespace) -> int:
     if args.store:
         from .config import check_metric_names
         from .train.candidates import score_store
-        from .data.store import CandidateStore
 
         names = [n.strip() for n in args.metrics.split(",") if n.strip()]
         bad = check_metric_names("--metrics", names) if names else "--metrics names no metric; e.g. --metrics psnr,brisque"
         if bad:  # before the store is opened
             raise CLIError(bad)
+        store = _open_store(args.store)
         try:
-            n = score_store(CandidateStore(args.store), names, progress=not args.quiet)
+            n = score_store(store, names, progress=not args.quiet)
         except (MetricError, ValueError) as e:
             raise CLIError(str(e)) from None
         print(f"scored {n} new (candidate, metric) values in {args.store}")
@@ -392,7 +404,7 @@ def _call_prompt_source(source, lr) -> str:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .data.store import CandidateStore
+    from .data.store import StoreError
     from .train.candidates import GenerateConfig, generate
     from .train.distributed import barrier, init_if_needed, rank_world
 
@@ -407,15 +419,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     cfg = load_config(GenerateConfig, args.config, ov, base=base)
     rank, _ = rank_world()
     init_if_needed()
-    # Rank 0 creates (or repairs) the store before the others open it: repair deletes
-    # half-written rows, which must not race with another rank's first writes.
-    store = CandidateStore(args.store, repair=True) if rank == 0 else None
+    policy = _policy(args.policy, args.model_path, args.start, preset=args.preset, settings=settings, policy_config=args.policy_config,
+                     dtype=args.dtype)  # a bad policy fails before a store is created
+    # Rank 0 creates (or migrates) the store before the others open it (they refuse a
+    # folder without an index).
+    store = _open_store(args.store, create=True, repair=True) if rank == 0 else None
     barrier()
     if store is None:
-        store = CandidateStore(args.store, repair=False)
-    policy = _policy(args.policy, args.model_path, args.start, preset=args.preset, settings=settings, policy_config=args.policy_config,
-                     dtype=args.dtype)
-    n = generate(store, policy, cfg, progress=not args.quiet)
+        store = _open_store(args.store, repair=False)
+    try:
+        n = generate(store, policy, cfg, progress=not args.quiet)
+    except StoreError as e:
+        raise CLIError(str(e)) from None
     print(f"rank {rank}: {n} new candidates in {args.store}")
     return 0
 
@@ -431,7 +446,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     _writable_folder(Path(args.out), "--out")
     if args.method in ("dp2o", "dpo"):
-        from .data.store import CandidateStore
         from .train.offline import OfflineTrainer
         from .train.offline_config import DP2OConfig
 
@@ -441,7 +455,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         _check_method(cfg, args.method)
         if args.resume:
             check_resume(args.out, cfg)
-        store = CandidateStore(args.store, repair=False)
+        store = _open_store(args.store, repair=False)
         try:
             tr = OfflineTrainer(_policy(args.policy, args.model_path, args.start), store, cfg, args.out)
         except ValueError as e:

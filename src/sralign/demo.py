@@ -11,7 +11,7 @@ import json
 import logging
 import resource
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -20,7 +20,7 @@ from .data.store import CandidateStore
 from .eval.report import format_table
 from .eval.run import EvalConfig, run_eval
 from .policies import load_policy
-from .train.candidates import GenerateConfig, LRSetConfig, generate, score_store
+from .train.candidates import GenerateConfig, LRSetConfig, generate, generation_key_id, score_store
 from .train.offline import OfflineTrainer
 from .train.offline_config import DP2OConfig
 from .train.online import OnlineTrainer
@@ -77,7 +77,7 @@ def run_demo(out: str | Path, quick: bool = False, progress: bool = True, config
     # 1. candidates from the frozen reference
     t0 = time.time()
     base = load_policy()
-    store = CandidateStore(out / "store")
+    store = CandidateStore(out / "store", create=True)
     generate(store, base, cfg.generate, progress=progress)
     phase("generate")
     t0 = time.time()
@@ -94,7 +94,8 @@ def run_demo(out: str | Path, quick: bool = False, progress: bool = True, config
         pol = load_policy()
         run = out / "runs" / method
         if method in ("dp2o", "dpo"):
-            OfflineTrainer(pol, store, getattr(cfg, method), run).train(resume=True, progress=progress)
+            ocfg = replace(getattr(cfg, method), store_key=generation_key_id(base, cfg.generate))  # this run's candidates
+            OfflineTrainer(pol, store, ocfg, run).train(resume=True, progress=progress)
             samplers[method] = cfg.generate.sampler
         else:
             ocfg = getattr(cfg, method)

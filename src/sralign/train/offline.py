@@ -46,14 +46,14 @@ class OfflineTrainer:
         validate(cfg)
         self.policy, self.store, self.cfg, self.out = policy, store, cfg, Path(out)
         self.reward = HybridReward.from_names(cfg.fr_metrics, cfg.nr_metrics)
-        self.pairs: list[Pair] = build_pairs(store, self.reward, cfg.n, cfg.method)
+        self.pairs: list[Pair] = build_pairs(store, self.reward, cfg.n, cfg.method, key=cfg.store_key or None)
         if not self.pairs:
             raise ValueError("no preference pairs: every group's candidates scored equal, or the store is empty")
         if cfg.micro_batch < 0:
             raise ValueError(f"micro_batch must be 0 (the whole batch at once) or a number of pairs ≥ 1, got {cfg.micro_batch}")
         # images are read from the store per micro-batch (8-bit PNGs): nothing is cached as float
-        need = {cid for p in self.pairs for cid in (p.cid_w, p.cid_l)}
-        self._path = {c.cid: c.path for c in store.candidates() if c.cid in need}
+        # (sha256-checked reads, once per file per process; all pairs share one generation key)
+        self._key = self.pairs[0].key_id
         self._lr_cache: OrderedDict[str, torch.Tensor] = OrderedDict()  # recent LR images, uint8
         policy.freeze_reference()
         self.accel = Accel(cfg.mixed_precision)
@@ -71,7 +71,7 @@ class OfflineTrainer:
         """LR image [3,h,w] in [0,1] (exact: the store keeps 8-bit PNGs)."""
         u8 = self._lr_cache.get(lr_id)
         if u8 is None:
-            u8 = (self.store.load_lr(lr_id)[0] * 255).round().to(torch.uint8)
+            u8 = (self.store.load_lr(lr_id, key=self._key)[0] * 255).round().to(torch.uint8)
             self._lr_cache[lr_id] = u8
             if len(self._lr_cache) > self.LR_CACHE:
                 self._lr_cache.popitem(last=False)
@@ -84,15 +84,15 @@ class OfflineTrainer:
         encoded once and shared by all its pairs' rows."""
         ids = list(dict.fromkeys(b.lr_id for b in batch))
         lr = torch.stack([self._lr_image(i) for i in ids]).to(self.accel.device)
-        cond = condition_captioned(self.policy, lr, [self.store.prompt(i) for i in ids])
+        cond = condition_captioned(self.policy, lr, [self.store.prompt(i, key=self._key) for i in ids])
         row = {i: k for k, i in enumerate(ids)}
         return cond.index(torch.tensor([row[b.lr_id] for b in batch] * 2, device=cond.lr.device))
 
     def _images(self, batch: list[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
         """(winners [k,3,H,W], losers [k,3,H,W]) read from the store, on the device."""
         dev = self.accel.device
-        xw = torch.stack([self.store.read_image(self._path[b.cid_w]) for b in batch]).to(dev)
-        xl = torch.stack([self.store.read_image(self._path[b.cid_l]) for b in batch]).to(dev)
+        xw = torch.stack([self.store.read_candidate(b.cid_w) for b in batch]).to(dev)
+        xl = torch.stack([self.store.read_candidate(b.cid_l) for b in batch]).to(dev)
         return xw, xl
 
     def loss_on(self, batch: list[Pair], t: torch.Tensor | None = None, eps: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
@@ -132,7 +132,7 @@ class OfflineTrainer:
         m = self.cfg.micro_batch or k
         w = torch.tensor([b.weight for b in batch], dtype=torch.float64) if self.cfg.method == "dp2o" else torch.ones(k, dtype=torch.float64)
         total = float(w.sum())
-        t, eps = self._draw(k, self.store.read_image(self._path[batch[0].cid_w])[None])
+        t, eps = self._draw(k, self.store.read_candidate(batch[0].cid_w)[None])
         agg: dict[str, float] = {}
         for s in range(0, k, m):
             part = batch[s : s + m]

@@ -19,6 +19,8 @@ class DP2OConfig:
     method: "dp2o" (top-N × bottom-N pairs, HPO weights) or "dpo" (best vs worst, weight 1).
     n: N, the top/bottom count per group (2N ≤ M).
     fr_metrics / nr_metrics: the hybrid reward's sets (built-in names or pyiqa:NAME).
+    store_key: which generation key of the store to train on (a hash prefix, as `train`
+    lists them); empty: the store's only key.
 
     > Optimisation
     beta, lr, steps, batch_pairs (pairs per batch), micro_batch (pairs per forward/backward; 0 = the
@@ -34,6 +36,7 @@ class DP2OConfig:
     n: int = ranged(4, ge=1)
     fr_metrics: list[str] = ranged(default_factory=lambda: ["psnr", "grad_fidelity"])
     nr_metrics: list[str] = ranged(default_factory=lambda: ["brisque", "sharpness"])
+    store_key: str = ""
     beta: float = ranged(5000.0, gt=0)
     lr: float = ranged(1e-4, gt=0)
     steps: int = ranged(150, ge=1)
