@@ -105,6 +105,9 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"config section {where or cls.__name__} must be a mapping, got {type(data).__name__}")
+    presets = getattr(cls, "preset_values", None)
+    if presets is not None and "preset" in data:  # a preset's values, under what the user set
+        data = {**presets(data["preset"], data), **data}
     names = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(names))
     if unknown:

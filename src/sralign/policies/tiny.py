@@ -304,23 +304,49 @@ class TinyPolicy:
         v = self.velocity(x, sigmas[i], cond)
         return flow_sde_step(x, v, sigmas, i, eta, prev_sample=prev_sample, generator=generator)
 
-    def dsm(self, x0: Tensor, cond: Cond, t: Tensor, noise: Tensor, t_model: Tensor | None = None) -> Tensor:
+    def dsm(
+        self,
+        x0: Tensor,
+        cond: Cond,
+        t: Tensor,
+        noise: Tensor,
+        t_model: Tensor | None = None,
+        target: str = "x0",
+        return_prediction: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
         """Per-sample denoising loss [B] of images ``x0`` [B,3,H,W] in [0,1].
 
-        Re-noise the residual at ``t`` [B] with ``noise``; the network is queried at ``t_model``
-        (default ``t``; GDPO-SR's unequal timestep passes t_diff here) and the loss is the
-        velocity error ``mean((x_t − t_model·v̂ − r)²) / t_model²`` (= ``mean((v̂ − (ε − r))²)``
-        when ``t_model = t``).
+        Re-noise the residual r at ``t`` [B] with ``noise`` ε (x_t = (1 − t)·r + t·ε); the
+        network is queried at ``t_model`` (default ``t``; GDPO-SR's unequal timestep passes
+        t_diff here) and gives the velocity v̂. ``target`` picks what is measured:
+
+            x0   mean((x_t − t_model·v̂ − r)²) / t_model²   the error of the one-step output
+                 x̂0 = x_t − t_model·v̂, scaled; = mean((v̂ − (ε − r))²), the velocity error,
+                 when t_model = t (DGPO's DSM)
+            eps  mean((x_t + (1 − t_model)·v̂ − ε)²)        the error of the noise the network
+                 implies, ε̂ = x_t + (1 − t_model)·v̂ — what GDPO-SR's code measures with its
+                 ε-prediction UNet; = (1 − t)²·velocity error when t_model = t
+
+        The two differ in more than scale when t_model ≠ t: x0 asks v̂ for (x_t − r)/t_model,
+        eps for (ε − x_t)/(1 − t_model).
+
+        With ``return_prediction`` also returns v̂ [B,3,H,W] (for DGPO's KL ‖v_θ − v_ref‖²).
         """
+        if target not in ("x0", "eps"):
+            raise ValueError(f"dsm target must be 'x0' or 'eps', got {target!r}")
         c = self._expand(cond, x0.shape[0])
         r = self.to_residual(x0.to(self.device, torch.float32), c)
         t = t.to(self.device, torch.float32).reshape(-1)
         tm = t if t_model is None else t_model.to(self.device, torch.float32).reshape(-1).expand_as(t)
         tb, tmb = t[:, None, None, None], tm[:, None, None, None]
-        x_t = (1 - tb) * r + tb * noise.to(self.device, torch.float32)
+        eps = noise.to(self.device, torch.float32)
+        x_t = (1 - tb) * r + tb * eps
         v = self.velocity(x_t, tm, c)
-        r_hat = x_t - tmb * v
-        return ((r_hat - r) ** 2).flatten(1).mean(1) / tm**2
+        if target == "x0":
+            loss = ((x_t - tmb * v - r) ** 2).flatten(1).mean(1) / tm**2
+        else:
+            loss = ((x_t + (1 - tmb) * v - eps) ** 2).flatten(1).mean(1)
+        return (loss, v) if return_prediction else loss
 
 
 def shipped_checkpoint_dir(name: str = DEFAULT_CHECKPOINT) -> Path:
