@@ -179,6 +179,11 @@ class TinyPolicy:
         finally:
             self._active = prev
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The network's dtype (float32 as shipped; tests run it in float64): inputs are cast to it."""
+        return next(self.model.unet.parameters()).dtype
+
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         return iter(self.model.unet.parameters())
 
@@ -202,7 +207,7 @@ class TinyPolicy:
         """Bicubic-upsample and encode LR [B,3,h,w] in [0,1] (once per LR, reused by a group)."""
         if lr.dim() != 4 or lr.shape[1] != 3:
             raise ValueError(f"lr must be [B,3,h,w], got {tuple(lr.shape)}")
-        lr = lr.to(self.device, torch.float32)
+        lr = lr.to(self.device, self.dtype)
         lr_up = F.interpolate(lr, scale_factor=self.scale, mode="bicubic", align_corners=False).clamp(0, 1)
         feats = self.model.encoder(lr_up * 2 - 1)  # encoder is shared: frozen during alignment
         return Cond(lr=lr, lr_up=lr_up, features={"enc": feats})
@@ -222,7 +227,7 @@ class TinyPolicy:
         if ph or pw:
             x = F.pad(x, (0, pw, 0, ph), mode="replicate")
             feats = F.pad(feats, (0, pw, 0, ph), mode="replicate")
-        v = self._active.unet(x, t.to(x.device, torch.float32), feats)
+        v = self._active.unet(x, t.to(x.device, x.dtype), feats)
         return v[..., :h, :w]
 
     def to_residual(self, x0: Tensor, cond: Cond) -> Tensor:
@@ -251,7 +256,7 @@ class TinyPolicy:
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
         c = self._expand(cond, noise.shape[0])
-        x = noise.to(self.device, torch.float32)
+        x = noise.to(self.device, self.dtype)
         if sampler == "onestep":
             r = self.onestep(x, c)
             return Samples(images=self.to_image(r, c))
@@ -335,11 +340,11 @@ class TinyPolicy:
         if target not in ("x0", "eps"):
             raise ValueError(f"dsm target must be 'x0' or 'eps', got {target!r}")
         c = self._expand(cond, x0.shape[0])
-        r = self.to_residual(x0.to(self.device, torch.float32), c)
-        t = t.to(self.device, torch.float32).reshape(-1)
-        tm = t if t_model is None else t_model.to(self.device, torch.float32).reshape(-1).expand_as(t)
+        r = self.to_residual(x0.to(self.device, self.dtype), c)
+        t = t.to(self.device, self.dtype).reshape(-1)
+        tm = t if t_model is None else t_model.to(self.device, self.dtype).reshape(-1).expand_as(t)
         tb, tmb = t[:, None, None, None], tm[:, None, None, None]
-        eps = noise.to(self.device, torch.float32)
+        eps = noise.to(self.device, self.dtype)
         x_t = (1 - tb) * r + tb * eps
         v = self.velocity(x_t, tm, c)
         if target == "x0":

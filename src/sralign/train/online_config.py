@@ -115,12 +115,13 @@ class GDPOConfig(OnlineConfig):
     | group | 6 | training_utils_realsr.py ``--groupsize`` default 6 |
     | grad_clip | 1.0 | ``--max_grad_norm`` default 1.0 |
     | texture_rule | authors | training_utils_realsr.py: ``cv2.cvtColor(..., COLOR_BGR2GRAY)`` on RGB; mask.py: entropy·h·w > 50 |
+    | warmup | 0 | ``--lr_scheduler constant`` (diffusers' constant schedule has no warmup) |
     """
 
     AUTHORS: ClassVar[dict[str, Any]] = {
         "adv_unbiased": True, "adv_eps": 1e-8, "adv_clip": None, "adv_global_std": False,
         "beta": 5000.0, "dsm_target": "eps", "rollout_from": "reference", "group": 6, "grad_clip": 1.0,
-        "texture_rule": "authors",
+        "texture_rule": "authors", "warmup": 0,
     }
 
     method: str = "gdpo"
@@ -179,6 +180,7 @@ class DGPOConfig(OnlineConfig):
     | train_timesteps, n_train_timesteps, trunc_steps | discrete, 4, 6 | ``num_train_timesteps = 4``, ``trunc_steps = 6`` (GenEval 4), ``generate_shared_sampled_timesteps`` |
     | switch_ema_ref, rollout_from | 200, ema | ``switch_ema_ref = 200`` (GenEval 500); ``ema_ref`` decay min(0.3, 0.001·step) |
     | grad_clip | 1.0 | base.py ``max_grad_norm = 1.0`` |
+    | warmup | 0 | constant learning rate (no scheduler in train_sd3_dgpo.py) |
 
     Not set by the preset: G (theirs 16 per prompt on 4 GPUs), lr (3e-4 for SD3 LoRA), CFG and
     the flow shift of SD3's scheduler (the tiny policy has neither).
@@ -188,7 +190,7 @@ class DGPOConfig(OnlineConfig):
         "adv_unbiased": False, "adv_eps": 1e-4, "adv_clip": 5.0, "adv_global_std": True,
         "loss_form": "weighted", "beta": 100.0, "clip_dsm": True, "dsm_clip_range": 1e-2, "kl_beta": 0.02,
         "steps": 10, "sampler": "ode", "train_timesteps": "discrete", "n_train_timesteps": 4, "trunc_steps": 6,
-        "switch_ema_ref": 200, "rollout_from": "ema", "grad_clip": 1.0,
+        "switch_ema_ref": 200, "rollout_from": "ema", "grad_clip": 1.0, "warmup": 0,
     }
 
     method: str = "dgpo"
@@ -250,6 +252,7 @@ class GRPOConfig(OnlineConfig):
     | minibatches, inner_epochs | 2, 1 | ``gradient_accumulation_steps = num_batches_per_epoch // 2`` ("updated twice per epoch"), ``num_inner_epochs = 1``; samples shuffled (``torch.randperm``) |
     | rollout_from | policy | samples with the current transformer |
     | grad_clip | 1.0 | base.py ``max_grad_norm = 1.0`` |
+    | warmup | 0 | constant learning rate (no scheduler in train_sd3.py) |
 
     Not set by the preset: G (24 per prompt, 48 groups per epoch on 32 GPUs), lr, CFG, the SD3
     flow shift.
@@ -258,7 +261,7 @@ class GRPOConfig(OnlineConfig):
     AUTHORS: ClassVar[dict[str, Any]] = {
         "adv_unbiased": False, "adv_eps": 1e-4, "adv_clip": 5.0, "adv_global_std": True,
         "clip_range": 1e-4, "kl_beta": 0.04, "kl_form": "flow_grpo", "steps": 10, "noise_level": 0.7,
-        "timestep_fraction": 0.99, "minibatches": 2, "inner_epochs": 1, "rollout_from": "policy", "grad_clip": 1.0,
+        "timestep_fraction": 0.99, "minibatches": 2, "inner_epochs": 1, "rollout_from": "policy", "grad_clip": 1.0, "warmup": 0,
     }
 
     method: str = "grpo"
