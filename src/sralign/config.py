@@ -159,7 +159,7 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
             kwargs[k] = from_dict(tp, v, where=f"{where}{k}.")
         elif typing.get_origin(tp) is tuple and isinstance(v, list):
             kwargs[k] = tuple(v)
-        elif tp is float and isinstance(v, (int, str)) and not isinstance(v, bool):
+        elif (tp is float or tp == float | None) and isinstance(v, (int, str)) and not isinstance(v, bool):
             try:
                 kwargs[k] = float(v)  # YAML reads "1e-3" as a string
             except ValueError:
