@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 from ..config import check_metric_names, ranged
 from ..losses.grpo import KL_FORMS
 from ..rewards.attribute import TEXTURE_RULES
+from ..policies.base import SAMPLERS
 from .candidates import LRSetConfig
 
 PRESETS = ("sralign", "authors")
@@ -72,7 +73,7 @@ class OnlineConfig:
     fr_metrics: list[str] = field(default_factory=lambda: ["psnr", "grad_fidelity"])
     nr_metrics: list[str] = field(default_factory=lambda: ["brisque", "sharpness"])
     rollout_from: str = ranged("ema", choices=("reference", "ema", "policy"))
-    sampler: str = ranged("ode", choices=("ode", "sde", "onestep"))
+    sampler: str = ranged("ode", choices=SAMPLERS)
     steps: int = ranged(4, ge=1, le=1000)
     t_min: float = ranged(0.0, ge=0, lt=1)
     t_max: float = ranged(1.0, gt=0, le=1)
