@@ -253,3 +253,178 @@ def test_timestep_weight():
     assert torch.equal(timestep_weight(x), torch.ones(2, dtype=D))
     assert torch.allclose(timestep_weight(x, "snr"), t(1.0, 9.0))
     assert torch.allclose(timestep_weight(x, "inverse_t"), t(2.0, 4.0))
+
+
+# ----------------------------------------------------------------------------- the authors' conventions (issue 15)
+from sralign.losses import (  # noqa: E402
+    dgpo_grad_weights, discrete_shared_timesteps, dsm_clip_mask, gdpo_grad_weights, transition_kl,
+)
+from sralign.policies.flow import flow_sde_step  # noqa: E402
+
+
+def test_advantages_flow_grpo_dgpo_convention_hand_computed():
+    # Flow-GRPO / DGPO: subtract the group mean, divide by the population std (no Bessel) plus
+    # 1e-4, clamp to ±5. Group [1,2,3,4]: mean 2.5, population std √1.25.
+    r = t(1.0, 2.0, 3.0, 4.0)[None]
+    a = group_advantages(r, eps=1e-4, unbiased=False, clip=5.0)
+    s = math.sqrt(1.25) + 1e-4
+    assert torch.allclose(a, t(-1.5 / s, -0.5 / s, 0.5 / s, 1.5 / s)[None], atol=1e-12)
+    # a near-tied group: 1e-6 apart. Bessel + 1e-8 makes it ±5e-7/(1e-6/√2 + 1e-8) ≈ ±0.70;
+    # theirs is ±5e-7/(5e-7 + 1e-4) ≈ ±0.005
+    tied = t(0.5, 0.5 + 1e-6)[None]
+    ours = group_advantages(tied)
+    theirs = group_advantages(tied, eps=1e-4, unbiased=False, clip=5.0)
+    assert abs(float(ours[0, 1]) - 5e-7 / (1e-6 / math.sqrt(2) + 1e-8)) < 1e-6
+    assert abs(float(theirs[0, 1]) - 5e-7 / (5e-7 + 1e-4)) < 1e-9  # ≈ 0.005
+    # the clamp: one 1 among 29 zeros is (29/30)/(std + 1e-4) = 5.38 standard deviations out -> 5
+    lone = torch.zeros(1, 30, dtype=D)
+    lone[0, -1] = 1.0
+    a = group_advantages(lone, eps=1e-4, unbiased=False, clip=5.0)
+    std = math.sqrt((1 / 30) * (29 / 30))
+    assert (29 / 30) / (std + 1e-4) > 5 and float(a[0, -1]) == 5.0
+    assert abs(float(a[0, 0]) - (-1 / 30) / (std + 1e-4)) < 1e-12
+
+
+def test_advantages_global_std_hand_computed():
+    # global_std: the mean is still per group, the std is taken over every reward of the batch
+    r = torch.stack([t(0.0, 1.0), t(10.0, 14.0)])
+    a = group_advantages(r, eps=1e-4, unbiased=False, global_std=True)
+    allr = [0.0, 1.0, 10.0, 14.0]
+    m = sum(allr) / 4
+    s = math.sqrt(sum((x - m) ** 2 for x in allr) / 4) + 1e-4
+    assert torch.allclose(a, torch.stack([t(-0.5 / s, 0.5 / s), t(-2 / s, 2 / s)]), atol=1e-12)
+    # per group the two groups would get ±1 each (population std 0.5 and 2)
+    per = group_advantages(r, eps=0.0, unbiased=False)
+    assert torch.allclose(per, torch.stack([t(-1.0, 1.0), t(-1.0, 1.0)]))
+    # the pool can come from elsewhere (every rank's rewards)
+    pooled = group_advantages(r[:1], eps=1e-4, unbiased=False, global_std=True, all_rewards=r)
+    assert torch.allclose(pooled, a[:1])
+
+
+def test_dgpo_authors_weighted_gradient_hand_computed():
+    # DGPO's code: w_i = sigmoid(Σ_g A_ig·β·(d_ig − d_ref_ig) / G) with the d's detached, loss =
+    # mean over all n·G samples of w_i·A_ig·d_ig, so ∂loss/∂d_ig = w_i·A_ig / (n·G).
+    d = t(0.30, 0.25, 0.40, 0.20, 0.50, 0.35).view(2, 3).requires_grad_(True)
+    d_ref = t(0.31, 0.24, 0.40, 0.22, 0.49, 0.35).view(2, 3)
+    adv = t(1.0, -0.5, -0.5, -1.2, 0.2, 1.0).view(2, 3)
+    beta, G, n = 100.0, 3, 2
+    loss, _ = dgpo_loss(d, d_ref, adv, beta, form="weighted")
+    loss.backward()
+    want = torch.zeros(2, 3, dtype=D)
+    for i in range(n):
+        s = sum(float(adv[i, g]) * beta * (float(d.detach()[i, g]) - float(d_ref[i, g])) / G for g in range(G))
+        w = 1 / (1 + math.exp(-s))
+        for g in range(G):
+            want[i, g] = w * float(adv[i, g]) / (n * G)
+    assert torch.allclose(d.grad, want, atol=1e-14)
+    # sralign's exact form has the same direction, β·λ_t times larger
+    d2 = d.detach().clone().requires_grad_(True)
+    dgpo_loss(d2, d_ref, adv, beta, lambda_t=0.5, form="exact")[0].backward()
+    d3 = d.detach().clone().requires_grad_(True)
+    dgpo_loss(d3, d_ref, adv, beta, lambda_t=0.5, form="weighted")[0].backward()
+    assert torch.allclose(d2.grad, 0.5 * beta * d3.grad, atol=1e-12)
+
+
+def test_dsm_clip_hand_computed():
+    # DGPO's clip_dsm: ratio = exp(d_old − d); a sample with A > 0 is clipped when ratio > 1 + ε,
+    # one with A ≤ 0 when ratio < 1 − ε; clipped samples enter with d detached (no gradient).
+    eps = 1e-2
+    d_old = t(0.50, 0.50, 0.50, 0.50)[None]
+    d = t(0.48, 0.499, 0.52, 0.501)[None]  # ratios e^.02, e^.001, e^-.02, e^-.001
+    adv = t(1.0, 1.0, -1.0, -1.0)[None]
+    assert dsm_clip_mask(d, d_old, adv, eps).tolist() == [[True, False, True, False]]
+    # the same samples with flipped advantages move against their direction: never clipped
+    assert not dsm_clip_mask(d, d_old, -adv, eps).any()
+    dd = d.clone().requires_grad_(True)
+    loss, st = dgpo_loss(dd, d_old, adv, 100.0, form="weighted", d_old=d_old, clip_range=eps)
+    loss.backward()
+    assert dd.grad[0, 0] == 0 and dd.grad[0, 2] == 0 and dd.grad[0, 1] != 0 and dd.grad[0, 3] != 0
+    assert float(st["clip_frac"]) == 0.5
+
+
+@pytest.mark.parametrize("form", ["exact", "weighted"])
+def test_group_grad_weights_equal_autograd(form):
+    # the micro-batching weights: ∇ Σ c·d equals ∇ loss, with and without the DSM clip and KL-free
+    g = torch.Generator().manual_seed(0)
+    d0 = torch.rand(3, 4, generator=g, dtype=D)
+    d_ref = d0 + 0.01 * torch.randn(3, 4, generator=g, dtype=D)
+    d_old = d0 + 0.02 * torch.randn(3, 4, generator=g, dtype=D)
+    adv = group_advantages(torch.rand(3, 4, generator=g, dtype=D))
+    for clip in (None, 1e-2):
+        d = d0.clone().requires_grad_(True)
+        dgpo_loss(d, d_ref, adv, 100.0, lambda_t=0.7, form=form, d_old=d_old, clip_range=clip)[0].backward()
+        c, loss, _ = dgpo_grad_weights(d0, d_ref, adv, 100.0, lambda_t=0.7, form=form, d_old=d_old, clip_range=clip)
+        assert torch.allclose(c, d.grad, atol=1e-14)
+        assert torch.allclose(loss, dgpo_loss(d0, d_ref, adv, 100.0, lambda_t=0.7, form=form, d_old=d_old, clip_range=clip)[0])
+    d = d0.clone().requires_grad_(True)
+    gdpo_loss(d, d_ref, adv, 50.0)[0].backward()
+    c, _, _ = gdpo_grad_weights(d0, d_ref, adv, 50.0)
+    assert torch.allclose(c, d.grad, atol=1e-14)
+
+
+def test_dgpo_kl_term_adds_beta_kl_times_mean():
+    d, d_ref, adv = t(0.3, 0.2)[None], t(0.3, 0.2)[None], t(1.0, -1.0)[None]
+    kl = t(0.5, 1.5)
+    base, _ = dgpo_loss(d, d_ref, adv, 100.0, form="weighted")
+    with_kl, st = dgpo_loss(d, d_ref, adv, 100.0, form="weighted", kl=kl, kl_beta=0.02)
+    assert torch.allclose(with_kl - base, t(0.02 * 1.0)) and float(st["kl"]) == 1.0
+
+
+def test_flow_grpo_kl_forms_hand_computed():
+    # transition: the KL of N(μ_θ, s²) and N(μ_ref, s²) per dimension, s = σ_t·√|dt|;
+    # Flow-GRPO divides the squared mean gap by 2σ_t² instead (σ_t the std before √|dt|)
+    mean = torch.zeros(1, 1, 2, 2, dtype=D)
+    mean_ref = torch.full((1, 1, 2, 2), 0.1, dtype=D)
+    sigma_t, dt = 0.7 * math.sqrt(0.9 / 0.1), -0.1
+    std = torch.tensor(sigma_t * math.sqrt(0.1), dtype=D)
+    ours = transition_kl(mean, mean_ref, std, dt)
+    theirs = transition_kl(mean, mean_ref, std, dt, form="flow_grpo")
+    assert abs(float(ours) - 0.01 / (2 * sigma_t**2 * 0.1)) < 1e-12
+    assert abs(float(theirs) - 0.01 / (2 * sigma_t**2)) < 1e-12
+    assert abs(float(theirs) / float(ours) - 0.1) < 1e-12  # |dt| times weaker
+    with pytest.raises(ValueError, match="kl form"):
+        transition_kl(mean, mean_ref, std, dt, form="x")
+
+
+def test_flow_grpo_first_sde_step_hand_computed():
+    # Flow-GRPO at σ = 1: σ_t = √(σ/(1 − σ₁))·η — the numerator keeps σ = 1, only 1 − σ is
+    # replaced by 1 − σ₁ (σ₁ the next level) — and mean = x·(1 + σ_t²·dt/2) + v·dt (the (1 − σ)
+    # term vanishes), std = σ_t·√(−dt)
+    sig = t(1.0, 0.8, 0.4, 0.0)
+    x = torch.full((1, 1, 1, 2), 0.3, dtype=D)
+    v = torch.full((1, 1, 1, 2), -0.2, dtype=D)
+    eta = 0.7
+    prev = torch.full((1, 1, 1, 2), 0.5, dtype=D)
+    _, lp, mean, std = flow_sde_step(x, v, sig, 0, eta, prev_sample=prev)
+    st = math.sqrt(1.0 / (1 - 0.8)) * eta
+    m = 0.3 * (1 + st**2 * (-0.2) / 2) + (-0.2) * (-0.2)
+    s = st * math.sqrt(0.2)
+    assert abs(float(std) - s) < 1e-12 and torch.allclose(mean, torch.full_like(mean, m), atol=1e-12)
+    want = -((0.5 - m) ** 2) / (2 * s**2) - math.log(s) - 0.5 * math.log(2 * math.pi)
+    assert abs(float(lp) - want) < 1e-10
+    # a later step (σ < 1) uses σ itself: σ_t = √(0.8/0.2)·η
+    _, _, _, std1 = flow_sde_step(x, v, sig, 1, eta, prev_sample=prev)
+    assert abs(float(std1) - math.sqrt(0.8 / 0.2) * eta * math.sqrt(0.4)) < 1e-12
+
+
+def test_one_step_sde_is_finite_and_zero_noise_refused():
+    sig = t(1.0, 0.0)  # σ₁ = 0: σ_t = √(1/1)·η = η, std = η
+    x = torch.randn(2, 3, 4, 4, dtype=D)
+    v = torch.randn(2, 3, 4, 4, dtype=D)
+    xn, lp, _, std = flow_sde_step(x, v, sig, 0, 0.7, generator=torch.Generator().manual_seed(0))
+    assert abs(float(std) - 0.7) < 1e-12 and torch.isfinite(lp).all() and torch.isfinite(xn).all()
+    with pytest.raises(ValueError, match="noise_level"):
+        flow_sde_step(x, v, sig, 0, 0.0)
+
+
+def test_discrete_shared_timesteps_from_the_noisiest_levels():
+    sig = torch.linspace(1.0, 0.0, 11)  # a 10-step schedule
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        ts = discrete_shared_timesteps(sig, 6, 4, g)
+        assert ts.numel() == 4 and len(set(ts.tolist())) == 4
+        assert all(any(abs(v - float(s)) < 1e-7 for s in sig[:7]) for v in ts.tolist())  # indices 0..6 only
+    with pytest.raises(ValueError, match="trunc_steps"):
+        discrete_shared_timesteps(sig, 10, 2)
+    with pytest.raises(ValueError, match="n_train_timesteps"):
+        discrete_shared_timesteps(sig, 2, 4)

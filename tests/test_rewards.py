@@ -198,3 +198,55 @@ def test_masked_psnr_counts_only_masked_pixels():
     left[..., :, :4] = 1
     assert masked_psnr_y(sr, hr, left) > 90
     assert masked_psnr_y(sr, hr, 1 - left) < 10
+
+
+# ----------------------------------------------------------------------------- GDPO-SR's texture map as the authors compute it
+def test_opencv_gray_of_rgb_hand_computed():
+    from sralign.rewards.attribute import opencv_gray_of_rgb
+
+    # the authors truncate to 8 bits, then OpenCV's BGR->gray reads channel 0 as blue: on RGB data
+    # red gets weight 1868/2^14 (0.114) and blue 4899/2^14 (0.299); fixed point, rounded (+2^13 >> 14)
+    px = torch.tensor([[1.0, 0, 0], [0, 0, 1.0], [0, 1.0, 0], [0.999, 0.999, 0.999], [0.5, 0.5, 0.5]])
+    img = px.T.reshape(1, 3, 1, 5)
+    g = (opencv_gray_of_rgb(img) * 255).round().flatten().tolist()
+    want = [(1868 * 255 + 8192) >> 14, (4899 * 255 + 8192) >> 14, (9617 * 255 + 8192) >> 14, 254, 127]
+    assert want == [29, 76, 150, 254, 127] and g == want
+    # BT.601 on the right channels would give red 81 (16 + 65.481) and blue 41
+    assert round(float(rgb_to_y(img)[0, 0, 0, 0]) * 255) == 81
+
+
+def test_texture_map_authors_edge_blocks_scale_the_threshold():
+    from sralign.rewards.attribute import block_entropy
+
+    # 10×14 image: one full 10×10 block (flat) and a 10×4 edge strip holding a step edge. The
+    # authors' rule: a block is texture when entropy·h·w > 50, so this strip needs entropy > 1.25
+    # (a full block 0.5); with equal R, G, B the authors' gray is exactly the 8-bit value.
+    hr = torch.zeros(1, 3, 10, 14)
+    hr[..., 12:] = 153 / 255
+    strip = hr[:, :1, :, 10:].double()
+    e = float(block_entropy(strip, drop_out_of_range=True))
+    assert 0.5 < e < 1.25  # texture by the full-block threshold, smooth by the authors' edge rule
+    m = texture_map(hr, rule="authors")
+    assert m.shape == (1, 1, 10, 14) and m.sum() == 0
+    # a busier strip (checkerboard) clears entropy·40 > 50
+    hr2 = torch.zeros(1, 3, 10, 14)
+    hr2[..., ::2, 10::2] = 0.5
+    e2 = float(block_entropy(hr2[:, :1, :, 10:].double(), drop_out_of_range=True))
+    m2 = texture_map(hr2, rule="authors")
+    assert e2 * 40 > 50 and m2[..., 10:].min() == 1 and m2[..., :10].max() == 0
+    with pytest.raises(ValueError, match="texture rule"):
+        texture_map(hr, rule="opencv")
+
+
+def test_texture_map_keeps_dtype_and_device_under_float64_default():
+    hr = torch.rand(2, 3, 20, 20, generator=torch.Generator().manual_seed(0))
+    want = texture_map(hr)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        for rule in ("sralign", "authors"):
+            m = texture_map(hr.double(), rule=rule)
+            assert m.device == hr.device and torch.isfinite(m).all()
+        assert torch.equal(texture_map(hr.double()).float(), want)
+    finally:
+        torch.set_default_dtype(prev)

@@ -210,6 +210,125 @@ def test_two_process_resume_equals_uninterrupted(tmp_path, policy_dir):  # noqa:
     assert any(not torch.allclose(a[k], ref[k], atol=1e-5) for k in a)
 
 
+# ----------------------------------------------------------------------------- presets, micro-batching (issues 14, 15)
+import contextlib  # noqa: E402
+
+from sralign.config import load_config  # noqa: E402
+from sralign.train.logging_utils import read_metrics  # noqa: E402
+from sralign.train.online_config import gdpo_beta  # noqa: E402
+
+
+def test_authors_presets_set_their_values_and_user_values_win():
+    g = load_config(GRPOConfig, None, ["preset=authors"])
+    assert (g.minibatches, g.timestep_fraction, g.kl_form, g.steps, g.adv_eps, g.adv_unbiased, g.adv_global_std) == \
+        (2, 0.99, "flow_grpo", 10, 1e-4, False, True)
+    assert load_config(GRPOConfig, None, ["preset=authors", "minibatches=3"]).minibatches == 3
+    d = load_config(DGPOConfig, None, ["preset=authors"])
+    assert (d.loss_form, d.beta, d.clip_dsm, d.kl_beta, d.train_timesteps, d.switch_ema_ref) == ("weighted", 100.0, True, 0.02, "discrete", 200)
+    assert load_config(DGPOConfig, None, ["preset=authors", "ref_model=ema"]).beta == 2000.0  # their EMA-reference config
+    assert load_config(DGPOConfig, None, ["preset=authors", "beta=7"]).beta == 7.0
+    gd = load_config(GDPOConfig, None, ["preset=authors"])
+    assert (gd.beta, gd.dsm_target, gd.texture_rule, gd.adv_unbiased, gd.adv_eps) == (5000.0, "eps", "authors", True, 1e-8)
+    # sralign's defaults are untouched by the presets' existence
+    assert (GRPOConfig().minibatches, DGPOConfig().loss_form, DGPOConfig().beta, GDPOConfig().beta) == (1, "exact", 5000.0, None)
+    from sralign.config import ConfigError
+
+    with pytest.raises(ConfigError, match="preset"):
+        load_config(DGPOConfig, None, ["preset=paper"])
+    with pytest.raises(ConfigError, match="trunc_steps"):
+        load_config(DGPOConfig, None, ["preset=authors", "steps=4"])
+
+
+def test_gdpo_beta_depends_on_the_backend():
+    class _SD:
+        kind = "onestep_sd"
+
+    assert gdpo_beta(GDPOConfig(), _SD()) == 5000.0  # the authors' β on SD latents' ε-MSE
+    assert gdpo_beta(GDPOConfig(), object()) == 100.0  # the tiny policy's x̂0 DSM
+    assert gdpo_beta(GDPOConfig(beta=30.0), _SD()) == 30.0
+
+
+def _grads(tr):
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in tr.policy.trainable_parameters()])
+
+
+def _one_batch(tr):
+    c = tr.cfg
+    idx = torch.randint(len(tr.ids), (c.batch_lr,), generator=tr.gen).tolist()
+    cond = tr.policy.condition(tr.lr[idx])
+    samples = tr.rollout(cond, len(idx))
+    adv = tr.advantages(tr.score(samples.images, idx).total)
+    return cond, samples, adv
+
+
+@pytest.mark.parametrize("cfg_cls,preset,mb", [
+    (GDPOConfig, "sralign", 5), (GDPOConfig, "authors", 4), (DGPOConfig, "sralign", 3), (DGPOConfig, "authors", 5),
+    (GRPOConfig, "sralign", 3), (GRPOConfig, "authors", 3),
+])
+def test_micro_batched_gradients_equal_one_shot(tmp_path, policy_dir, cfg_cls, preset, mb):  # noqa: F811
+    kw = dict(steps_total=1, batch_lr=2, group=4, lr_set=LRSetConfig(n=3, patch=32))
+    if cfg_cls is not GDPOConfig:
+        kw["steps"] = 3
+    if cfg_cls is DGPOConfig and preset == "authors":
+        kw.update(trunc_steps=2, n_train_timesteps=2, dsm_clip_range=1e-4)
+    cfg = cfg_cls.with_preset(preset, **kw)
+    tr = OnlineTrainer(load_policy(str(policy_dir)), cfg, tmp_path)
+    # in float64, so that what is compared is the arithmetic, not float32 rounding of sums
+    tr.policy.model.double()
+    tr.policy._ref.double()
+    tr.ema.state = {k: v.double() for k, v in tr.ema.state.items()}
+    with torch.no_grad():  # an EMA that differs from the policy, so the DSM clip selects some samples
+        for k in tr.ema.state:
+            tr.ema.state[k].add_(1e-3 * torch.randn(tr.ema.state[k].shape, generator=torch.Generator().manual_seed(1)))
+    cond, samples, adv = _one_batch(tr)
+    rows = torch.randperm(8, generator=torch.Generator().manual_seed(2))[:5] if cfg_cls is GRPOConfig and preset == "authors" else None
+    state = tr.gen.get_state()
+    tr.opt.zero_grad(set_to_none=True)
+    loss1, st1 = tr.loss(cond, samples, adv, rows)
+    g1 = _grads(tr).clone()
+    tr.gen.set_state(state)
+    tr.cfg.micro_batch = mb
+    assert len(tr._chunks(8, rows)) > 1
+    tr.opt.zero_grad(set_to_none=True)
+    loss2, st2 = tr.loss(cond, samples, adv, rows)
+    g2 = _grads(tr)
+    assert g1.norm() > 0
+    assert float((g1 - g2).norm() / g1.norm()) <= 1e-6
+    assert abs(float(loss1) - float(loss2)) <= 1e-5 * max(1.0, abs(float(loss1)))
+    if cfg_cls is DGPOConfig and preset == "authors":
+        assert st1["clip_frac"] == st2["clip_frac"] and 0 < st1["clip_frac"] < 1
+
+
+def test_grpo_authors_preset_clips_after_the_first_inner_update(tmp_path):
+    # the shipped policy (a random one barely moves its log-probs in one small update)
+    cfg = GRPOConfig.with_preset("authors", steps_total=1, batch_lr=2, group=4, lr_set=LRSetConfig(n=3, patch=32))
+    tr = OnlineTrainer(load_policy(), cfg, tmp_path)
+    calls = []
+    step = tr.policy.sde_step
+    tr.policy.sde_step = lambda *a, **k: (calls.append(a[3]), step(*a, **k))[1]
+    tr.train(progress=False)
+    (row,) = read_metrics(tmp_path)
+    # two updates per rollout batch: the first sees ratio 1 (clip_frac 0), the second has moved
+    assert row["clip_frac"] > 0 and row["approx_kl"] > 0
+    # rollout: 10 SDE steps; training: int(0.99·10) = 9 transitions, policy + reference, 2 updates
+    assert sorted(set(calls)) == list(range(10)) and calls.count(9) == 1 and calls.count(0) == 1 + 2 * 2
+
+
+def test_grpo_single_update_never_clips(tmp_path, policy_dir):  # noqa: F811
+    cfg = GRPOConfig(steps_total=1, batch_lr=2, group=4, lr_set=LRSetConfig(n=3, patch=32))
+    OnlineTrainer(load_policy(str(policy_dir)), cfg, tmp_path).train(progress=False)
+    (row,) = read_metrics(tmp_path)
+    assert row["clip_frac"] == 0 and row["approx_kl"] == 0
+
+
+def test_switch_ema_ref_rolls_out_from_the_policy_first(tmp_path, policy_dir):  # noqa: F811
+    cfg = DGPOConfig(steps_total=1, batch_lr=2, group=4, switch_ema_ref=2, lr_set=LRSetConfig(n=3, patch=32))
+    tr = OnlineTrainer(load_policy(str(policy_dir)), cfg, tmp_path)
+    for s, from_policy in ((0, True), (2, True), (3, False)):
+        tr.step = s
+        assert isinstance(tr._rollout_ctx(), contextlib.nullcontext) is from_policy
+
+
 # ---------------------------------------------------------------------------- issue 17: checked before work, resume checks
 from sralign.cli import main  # noqa: E402
 from sralign.config import ConfigError  # noqa: E402

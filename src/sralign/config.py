@@ -141,6 +141,9 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"config section {where or cls.__name__} must be a mapping, got {type(data).__name__}")
+    presets = getattr(cls, "preset_values", None)
+    if presets is not None and "preset" in data:  # a preset's values, under what the user set
+        data = {**presets(data["preset"], data), **data}
     names = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(names))
     if unknown:
@@ -156,7 +159,7 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
             kwargs[k] = from_dict(tp, v, where=f"{where}{k}.")
         elif typing.get_origin(tp) is tuple and isinstance(v, list):
             kwargs[k] = tuple(v)
-        elif tp is float and isinstance(v, (int, str)) and not isinstance(v, bool):
+        elif (tp is float or tp == float | None) and isinstance(v, (int, str)) and not isinstance(v, bool):
             try:
                 kwargs[k] = float(v)  # YAML reads "1e-3" as a string
             except ValueError:

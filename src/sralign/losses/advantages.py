@@ -6,16 +6,35 @@ import torch
 from torch import Tensor
 
 
-def group_advantages(r: Tensor, eps: float = 1e-8, unbiased: bool = True, clip: float | None = None) -> Tensor:
+def group_advantages(
+    r: Tensor,
+    eps: float = 1e-8,
+    unbiased: bool = True,
+    clip: float | None = None,
+    global_std: bool = False,
+    all_rewards: Tensor | None = None,
+) -> Tensor:
     """Z-score rewards within each group.
 
-    A[i,g] = (r[i,g] − mean_g r[i]) / (std_g r[i] + eps)
+    A[i,g] = (r[i,g] − mean_g r[i]) / (s + eps),  then clamped to ±clip
+
+    with s the std of group i's rewards (``global_std=False``) or of every reward in the batch
+    (``global_std=True``: Flow-GRPO's and DGPO's ``global_std`` — mean per group, spread of
+    the whole batch).
+
+    Conventions (see docs/losses.md):
+        GDPO-SR's code:        unbiased=True (Bessel), eps=1e-8, no clip, per group.
+        Flow-GRPO / DGPO code: unbiased=False (population std), eps=1e-4, clip=5, and in most
+                               shipped configs global_std=True.
 
     Args:
         r: [n,G] rewards, one row per LR image (group).
-        eps: added to the std (GDPO-SR's code: 1e-8; Flow-GRPO/DGPO: 1e-4).
-        unbiased: std with Bessel's correction (GDPO-SR's ``torch.std``) or without.
-        clip: clamp advantages to ±clip (Flow-GRPO: 5), or None.
+        eps: added to the std.
+        unbiased: std with Bessel's correction or without (population std).
+        clip: clamp advantages to ±clip, or None.
+        global_std: one std over the whole batch instead of one per group.
+        all_rewards: with ``global_std``, the rewards the std is taken over (e.g. gathered from
+            every rank); default ``r``.
 
     Returns:
         [n,G] advantages, detached. Rows with zero spread (all rewards equal, or G = 1) are
@@ -31,7 +50,11 @@ def group_advantages(r: Tensor, eps: float = 1e-8, unbiased: bool = True, clip: 
     if G < 2:
         return torch.zeros_like(r)
     centred = r - r.mean(dim=1, keepdim=True)
-    std = r.std(dim=1, keepdim=True, unbiased=unbiased)
+    if global_std:
+        pool = (r if all_rewards is None else all_rewards.detach().to(r)).reshape(-1)
+        std = pool.std(unbiased=unbiased) if pool.numel() > 1 else torch.zeros((), dtype=r.dtype)
+    else:
+        std = r.std(dim=1, keepdim=True, unbiased=unbiased)
     spread = centred.abs().amax(dim=1, keepdim=True)
     scale = r.abs().amax(dim=1, keepdim=True).clamp_min(1.0)
     flat = spread <= 1e-12 * scale  # all equal up to rounding

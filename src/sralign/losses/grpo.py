@@ -5,6 +5,31 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+KL_FORMS = ("transition", "flow_grpo")
+
+
+def transition_kl(mean: Tensor, mean_ref: Tensor, std: Tensor, dt: Tensor | float, form: str = "transition") -> Tensor:
+    """Per-sample KL [B] between the policy's and the reference's Gaussian SDE transitions
+    N(μ_θ, s²) and N(μ_ref, s²) that share the std s = σ_t·√|dt| (σ_t = √(σ/(1−σ))·η).
+
+        transition: mean_dims (μ_θ − μ_ref)² / (2·s²)       the KL of the two transitions
+                    (per dimension) — sralign's default
+        flow_grpo:  mean_dims (μ_θ − μ_ref)² / (2·σ_t²)     Flow-GRPO's ``kl_loss``: it divides
+                    by σ_t², not the transition variance, so it is |dt| times the KL
+                    (10× weaker at 10 steps for the same β_KL)
+
+    Args:
+        mean, mean_ref: [B,...] transition means of policy and reference.
+        std: the transition std s (scalar tensor, as ``flow_sde_step`` returns it).
+        dt: σ_{i+1} − σ_i (negative) of the step.
+    """
+    if form not in KL_FORMS:
+        raise ValueError(f"kl form must be one of {', '.join(KL_FORMS)}, got {form!r}")
+    var = std**2
+    if form == "flow_grpo":
+        var = var / abs(float(dt))
+    return ((mean - mean_ref) ** 2).flatten(1).mean(1) / (2 * var)
+
 
 def grpo_loss(
     logp: Tensor,
@@ -26,10 +51,13 @@ def grpo_loss(
         old_logp: same shape, at rollout time (detached).
         adv: [B] advantages, broadcast over steps; clamped to ±adv_clip (Flow-GRPO: 5).
         clip_range: ε (Flow-GRPO: 1e-4).
-        kl: per-sample KL to π_ref (Flow-GRPO: ‖μ_θ − μ_ref‖² / (2σ_t²)), or None.
+        kl: [B] per-sample KL to π_ref (``transition_kl``: the transitions' KL by default,
+            Flow-GRPO's σ_t² divisor with form="flow_grpo"), or None.
 
     Returns:
-        (loss, stats) with ``clip_frac``, ``approx_kl``, ``policy_loss``, ``kl``.
+        (loss, stats) with ``clip_frac`` (share of |ratio − 1| > ε), ``approx_kl``
+        (½·mean (logp − old_logp)², as Flow-GRPO logs it), ``policy_loss``, ``kl``. With one
+        update per rollout batch the ratio is exactly 1 and both are 0.
     """
     a = adv.detach()
     if adv_clip is not None:

@@ -45,3 +45,25 @@ def timestep_weight(t: Tensor, kind: str = "constant") -> Tensor:
     if kind == "inverse_t":
         return 1.0 / t
     raise ValueError(f"unknown timestep weight {kind!r}: choose constant, snr or inverse_t")
+
+
+def discrete_shared_timesteps(sigmas: Tensor, trunc_steps: int, m: int, generator: torch.Generator | None = None) -> Tensor:
+    """DGPO's training timesteps: ``m`` distinct noise levels drawn (without replacement) from the
+    rollout schedule's ``trunc_steps + 1`` noisiest ones, ``sigmas[0..trunc_steps]``; every
+    sample of the batch trains on all ``m`` of them (the authors draw once per rollout batch and
+    share the draw across ranks).
+
+    Args:
+        sigmas: [S+1] the rollout sampler's noise levels, from noisy to clean.
+        trunc_steps: highest schedule index allowed (authors: 6 with 10 steps; 4 for GenEval).
+        m: how many (authors' ``num_train_timesteps``: 4).
+
+    Returns:
+        [m] noise levels in [0,1], in draw order.
+    """
+    if not 0 <= trunc_steps < sigmas.numel() - 1:
+        raise ValueError(f"trunc_steps must be in 0..{sigmas.numel() - 2} for a {sigmas.numel() - 1}-step schedule, got {trunc_steps}")
+    if not 1 <= m <= trunc_steps + 1:
+        raise ValueError(f"need 1 <= n_train_timesteps <= trunc_steps + 1 = {trunc_steps + 1}, got {m}")
+    idx = torch.randperm(trunc_steps + 1, generator=generator)[:m]
+    return sigmas.detach().cpu()[idx]

@@ -180,6 +180,11 @@ class TinyPolicy:
         finally:
             self._active = prev
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The network's dtype (float32 as shipped; tests run it in float64): inputs are cast to it."""
+        return next(self.model.unet.parameters()).dtype
+
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         return iter(self.model.unet.parameters())
 
@@ -203,7 +208,7 @@ class TinyPolicy:
         """Bicubic-upsample and encode LR [B,3,h,w] in [0,1] (once per LR, reused by a group)."""
         if lr.dim() != 4 or lr.shape[1] != 3:
             raise ValueError(f"lr must be [B,3,h,w], got {tuple(lr.shape)}")
-        lr = lr.to(self.device, torch.float32)
+        lr = lr.to(self.device, self.dtype)
         lr_up = F.interpolate(lr, scale_factor=self.scale, mode="bicubic", align_corners=False).clamp(0, 1)
         feats = self.model.encoder(lr_up * 2 - 1)  # encoder is shared: frozen during alignment
         return Cond(lr=lr, lr_up=lr_up, features={"enc": feats})
@@ -223,7 +228,7 @@ class TinyPolicy:
         if ph or pw:
             x = F.pad(x, (0, pw, 0, ph), mode="replicate")
             feats = F.pad(feats, (0, pw, 0, ph), mode="replicate")
-        v = self._active.unet(x, t.to(x.device, torch.float32), feats)
+        v = self._active.unet(x, t.to(x.device, x.dtype), feats)
         return v[..., :h, :w]
 
     def to_residual(self, x0: Tensor, cond: Cond) -> Tensor:
@@ -252,7 +257,7 @@ class TinyPolicy:
         if sampler not in SAMPLERS or sampler == "ddpm":
             raise ValueError(f"unknown sampler {sampler!r} for the tiny policy; choose one of ode, sde, onestep")
         c = self._expand(cond, noise.shape[0])
-        x = noise.to(self.device, torch.float32)
+        x = noise.to(self.device, self.dtype)
         if sampler == "onestep":
             r = self.onestep(x, c)
             return Samples(images=self.to_image(r, c))
@@ -305,23 +310,49 @@ class TinyPolicy:
         v = self.velocity(x, sigmas[i], cond)
         return flow_sde_step(x, v, sigmas, i, eta, prev_sample=prev_sample, generator=generator)
 
-    def dsm(self, x0: Tensor, cond: Cond, t: Tensor, noise: Tensor, t_model: Tensor | None = None) -> Tensor:
+    def dsm(
+        self,
+        x0: Tensor,
+        cond: Cond,
+        t: Tensor,
+        noise: Tensor,
+        t_model: Tensor | None = None,
+        target: str = "x0",
+        return_prediction: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
         """Per-sample denoising loss [B] of images ``x0`` [B,3,H,W] in [0,1].
 
-        Re-noise the residual at ``t`` [B] with ``noise``; the network is queried at ``t_model``
-        (default ``t``; GDPO-SR's unequal timestep passes t_diff here) and the loss is the
-        velocity error ``mean((x_t − t_model·v̂ − r)²) / t_model²`` (= ``mean((v̂ − (ε − r))²)``
-        when ``t_model = t``).
+        Re-noise the residual r at ``t`` [B] with ``noise`` ε (x_t = (1 − t)·r + t·ε); the
+        network is queried at ``t_model`` (default ``t``; GDPO-SR's unequal timestep passes
+        t_diff here) and gives the velocity v̂. ``target`` picks what is measured:
+
+            x0   mean((x_t − t_model·v̂ − r)²) / t_model²   the error of the one-step output
+                 x̂0 = x_t − t_model·v̂, scaled; = mean((v̂ − (ε − r))²), the velocity error,
+                 when t_model = t (DGPO's DSM)
+            eps  mean((x_t + (1 − t_model)·v̂ − ε)²)        the error of the noise the network
+                 implies, ε̂ = x_t + (1 − t_model)·v̂ — what GDPO-SR's code measures with its
+                 ε-prediction UNet; = (1 − t)²·velocity error when t_model = t
+
+        The two differ in more than scale when t_model ≠ t: x0 asks v̂ for (x_t − r)/t_model,
+        eps for (ε − x_t)/(1 − t_model).
+
+        With ``return_prediction`` also returns v̂ [B,3,H,W] (for DGPO's KL ‖v_θ − v_ref‖²).
         """
+        if target not in ("x0", "eps"):
+            raise ValueError(f"dsm target must be 'x0' or 'eps', got {target!r}")
         c = self._expand(cond, x0.shape[0])
-        r = self.to_residual(x0.to(self.device, torch.float32), c)
-        t = t.to(self.device, torch.float32).reshape(-1)
-        tm = t if t_model is None else t_model.to(self.device, torch.float32).reshape(-1).expand_as(t)
+        r = self.to_residual(x0.to(self.device, self.dtype), c)
+        t = t.to(self.device, self.dtype).reshape(-1)
+        tm = t if t_model is None else t_model.to(self.device, self.dtype).reshape(-1).expand_as(t)
         tb, tmb = t[:, None, None, None], tm[:, None, None, None]
-        x_t = (1 - tb) * r + tb * noise.to(self.device, torch.float32)
+        eps = noise.to(self.device, self.dtype)
+        x_t = (1 - tb) * r + tb * eps
         v = self.velocity(x_t, tm, c)
-        r_hat = x_t - tmb * v
-        return ((r_hat - r) ** 2).flatten(1).mean(1) / tm**2
+        if target == "x0":
+            loss = ((x_t - tmb * v - r) ** 2).flatten(1).mean(1) / tm**2
+        else:
+            loss = ((x_t + (1 - tmb) * v - eps) ** 2).flatten(1).mean(1)
+        return (loss, v) if return_prediction else loss
 
 
 def shipped_checkpoint_dir(name: str = DEFAULT_CHECKPOINT) -> Path:

@@ -25,7 +25,7 @@ class UNetConfig:
 def timestep_embedding(t: Tensor, dim: int) -> Tensor:
     """Sinusoidal embedding of noise levels ``t`` [B] in [0,1] (scaled to the 1000-step range)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32).to(t.dtype) / half)
     args = (t.float() * 1000.0)[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
 

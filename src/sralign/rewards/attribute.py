@@ -16,29 +16,88 @@ from .hybrid import check_finite, group_minmax, score_group
 from .registry import get_metric
 
 
-def texture_map(hr: Tensor, patch: int = 10, threshold: float = 0.5, bins: int = 512, resize: int = 64) -> Tensor:
-    """Texture (1) / smooth (0) map [n,1,H,W] of HR images [n,3,H,W] in [0,1].
+TEXTURE_RULES = ("sralign", "authors")
 
-    As in GDPO-SR's ``create_complexity_matrix``: each ``patch``×``patch`` block of the gray
-    image is resized to ``resize``² , its Sobel gradient magnitude is histogrammed (``bins``
-    bins over [−5.5, 5.5]) and the block is *texture* when the histogram's Shannon entropy
-    (bits) exceeds ``threshold`` (the reference code's complexity 50 = entropy 0.5 × 100 px).
-    Edge blocks smaller than ``patch`` are measured as they are.
+
+def opencv_gray_of_rgb(x: Tensor) -> Tensor:
+    """GDPO-SR's gray image, [B,3,H,W] in [0,1] -> [B,1,H,W] in [0,1], multiples of 1/255.
+
+    The authors convert their HR crop to 8 bits by truncation (⌊255·x⌋) and hand the RGB array
+    to OpenCV's BGR→gray conversion, which reads channel 0 as blue: red gets blue's weight and
+    blue red's. OpenCV's 8-bit conversion is fixed point with 14 fractional bits —
+    gray = (1868·c0 + 9617·c1 + 4899·c2 + 2¹³) >> 14 (0.114, 0.587, 0.299, rounded) — and the
+    result is divided by 255.
     """
-    n, _, h, w = hr.shape
-    gray = rgb_to_y(hr.float())
-    ph, pw = math.ceil(h / patch), math.ceil(w / patch)
-    padded = F.pad(gray, (0, pw * patch - w, 0, ph * patch - h), mode="replicate")
-    blocks = padded.unfold(2, patch, patch).unfold(3, patch, patch).reshape(n * ph * pw, 1, patch, patch)
+    q = (x.clamp(0, 1) * 255).floor().to(torch.int64)  # numpy's astype(uint8) truncates
+    g = (1868 * q[:, 0:1] + 9617 * q[:, 1:2] + 4899 * q[:, 2:3] + (1 << 13)) >> 14
+    return g.to(x.dtype) / 255.0
+
+
+def block_entropy(blocks: Tensor, bins: int = 512, resize: int = 64, drop_out_of_range: bool = False) -> Tensor:
+    """Entropy (bits) [N] of the Sobel-magnitude histogram of gray blocks [N,1,h,w] resized
+    (bilinear, half-pixel centres) to ``resize``²; ``bins`` bins over [−5.5, 5.5].
+    ``drop_out_of_range``: magnitudes above 5.5 are not counted (numpy's histogram) instead of
+    falling in the last bin."""
     big = F.interpolate(blocks, size=(resize, resize), mode="bilinear", align_corners=False)
     mag = sobel_magnitude(big).flatten(1)
     lo, hi = -5.5, 5.5
     idx = ((mag - lo) / (hi - lo) * bins).long().clamp(0, bins - 1)
-    hist = torch.zeros(mag.shape[0], bins).scatter_add_(1, idx, torch.ones_like(mag))
-    p = hist / hist.sum(1, keepdim=True)
-    ent = -(p * torch.log2(p.clamp_min(1e-30))).sum(1)
-    tex = (ent > threshold).float().reshape(n, 1, ph, pw)
-    return F.interpolate(tex, scale_factor=patch, mode="nearest")[..., :h, :w]
+    ones = torch.ones_like(mag)
+    if drop_out_of_range:
+        ones = ones * (mag <= hi).to(mag.dtype)
+    hist = torch.zeros(mag.shape[0], bins, dtype=mag.dtype, device=mag.device).scatter_add_(1, idx, ones)
+    p = hist / hist.sum(1, keepdim=True).clamp_min(1e-30)
+    return -(p * torch.log2(p.clamp_min(1e-30))).sum(1)
+
+
+def texture_map(hr: Tensor, patch: int = 10, threshold: float = 0.5, bins: int = 512, resize: int = 64, rule: str = "sralign") -> Tensor:
+    """Texture (1) / smooth (0) map [n,1,H,W] of HR images [n,3,H,W] in [0,1].
+
+    As in GDPO-SR's ``create_complexity_matrix``: each ``patch``×``patch`` block of the gray
+    image is resized to ``resize``², its Sobel gradient magnitude is histogrammed (``bins``
+    bins over [−5.5, 5.5]) and the block's Shannon entropy (bits) decides.
+
+    rule:
+        sralign  gray = BT.601 luma (``rgb_to_y``, the Y that PSNR-Y uses); blocks at the right
+                 and bottom edges that are smaller than ``patch`` are padded (replicate) to a
+                 full block and are texture when entropy > ``threshold`` — every block is read
+                 at the same scale. sralign's default: the luma weights sit on the right
+                 channels (the authors' swap R and B), and padding keeps edge blocks from being
+                 stretched 6× or more before the Sobel filter.
+        authors  gray = ``opencv_gray_of_rgb`` (R and B weights swapped, 8-bit); each edge
+                 block is resized at its own size and is texture when entropy·h·w >
+                 ``threshold``·patch² (the authors' complexity entropy·h·w > 50), so a 10×4
+                 block needs entropy > 1.25; histogram values above 5.5 are dropped, as
+                 numpy's histogram does. The full blocks agree between the rules up to the gray.
+    """
+    if rule not in TEXTURE_RULES:
+        raise ValueError(f"texture rule must be one of {', '.join(TEXTURE_RULES)}, got {rule!r}")
+    n, _, h, w = hr.shape
+    if rule == "sralign":
+        gray = rgb_to_y(hr.float())
+        ph, pw = math.ceil(h / patch), math.ceil(w / patch)
+        padded = F.pad(gray, (0, pw * patch - w, 0, ph * patch - h), mode="replicate")
+        blocks = padded.unfold(2, patch, patch).unfold(3, patch, patch).reshape(n * ph * pw, 1, patch, patch)
+        ent = block_entropy(blocks, bins, resize)
+        tex = (ent > threshold).to(gray.dtype).reshape(n, 1, ph, pw)
+        return F.interpolate(tex, scale_factor=patch, mode="nearest")[..., :h, :w]
+    gray = opencv_gray_of_rgb(hr.double())
+    out = torch.zeros(n, 1, h, w, dtype=torch.float32, device=hr.device)
+    rows, cols = h // patch, w // patch
+    # full blocks, then the right column, the bottom row and the corner at their own sizes
+    spans_y = [(i * patch, patch) for i in range(rows)] + ([(rows * patch, h - rows * patch)] if h % patch else [])
+    spans_x = [(j * patch, patch) for j in range(cols)] + ([(cols * patch, w - cols * patch)] if w % patch else [])
+    by_size: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for y0, bh in spans_y:
+        for x0, bw in spans_x:
+            by_size.setdefault((bh, bw), []).append((y0, x0))
+    for (bh, bw), origins in by_size.items():
+        blocks = torch.cat([gray[:, :, y0 : y0 + bh, x0 : x0 + bw] for y0, x0 in origins])  # [len·n,1,bh,bw]
+        ent = block_entropy(blocks, bins, resize, drop_out_of_range=True).reshape(len(origins), n)
+        tex = (ent * bh * bw > threshold * patch * patch).float()
+        for k, (y0, x0) in enumerate(origins):
+            out[:, :, y0 : y0 + bh, x0 : x0 + bw] = tex[k].view(n, 1, 1, 1)
+    return out
 
 
 def masked_psnr_y(sr: Tensor, hr: Tensor, mask: Tensor, eps: float = 1e-10) -> Tensor:
@@ -65,6 +124,7 @@ class AttributeReward:
     per_region: bool = False
     patch: int = 10
     threshold: float = 0.5
+    rule: str = "sralign"  # texture_map's rule: "sralign" or "authors" (gray conversion, edge blocks)
 
     @classmethod
     def from_names(cls, nr: list[str], **kw) -> "AttributeReward":
@@ -82,7 +142,7 @@ class AttributeReward:
         if hr is None:
             raise MetricError("the attribute-aware reward needs the HR image (texture map and PSNR)")
         n, g = sr.shape[:2]
-        tex = texture_map(hr, self.patch, self.threshold)  # [n,1,H,W]
+        tex = texture_map(hr, self.patch, self.threshold, rule=self.rule).to(sr.dtype)  # [n,1,H,W]
         f_tex = tex.flatten(1).mean(1)[:, None]  # [n,1]
         f_smooth = 1 - f_tex
         flat = sr.reshape(n * g, *sr.shape[2:])
