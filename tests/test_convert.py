@@ -179,7 +179,8 @@ def test_cli_convert_errors_are_one_line(sd2, tmp_path, capsys):
     for args, msg in ((["sd-controlnet", str(src), "--base", str(base), "--out", str(tmp_path / "busy")], "exists and is not empty"),
                       (["sd-controlnet", str(src), "--base", str(base), "--out", str(base / "sub")], "is inside --base"),
                       (["sd-controlnet", str(tmp_path / "nope.safetensors"), "--base", str(base), "--out", str(tmp_path / "o")], "no such file"),
-                      (["osediff", str(src), "--base", str(base), "--out", str(tmp_path / "o")], "is not an OSEDiff checkpoint")):
+                      (["osediff", str(src), "--base", str(base), "--out", str(tmp_path / "o")], "is not an OSEDiff checkpoint"),
+                      (["sd-controlnet", str(tmp_path / "busy"), "--base", str(base), "--out", str(tmp_path / "o")], "without model.safetensors")):
         capsys.readouterr()
         assert main(["convert", *args]) == 2
         err = capsys.readouterr().err

@@ -76,9 +76,14 @@ def load_pickle(path: Path) -> object:
 
 
 class TensorFile:
-    """A flat name -> tensor checkpoint: keys and shapes without loading (safetensors), tensors on demand."""
+    """A flat name -> tensor checkpoint: keys and shapes without loading (safetensors), tensors on
+    demand. A folder stands for the ``model.safetensors`` in it (as DP²O-SR ships them)."""
 
     def __init__(self, path: Path):
+        if path.is_dir():
+            if not (path / "model.safetensors").is_file():
+                raise ConvertError(f"{path} is a folder without model.safetensors: give the checkpoint file")
+            path = path / "model.safetensors"
         self.path = path
         self.safetensors = path.suffix == ".safetensors"
         if self.safetensors:
