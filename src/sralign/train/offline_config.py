@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..rewards.hybrid import DEFAULT_FR, DEFAULT_NR
+
 
 @dataclass
 class DP2OConfig:
@@ -16,7 +18,9 @@ class DP2OConfig:
     > Data
     method: "dp2o" (top-N × bottom-N pairs, HPO weights) or "dpo" (best vs worst, weight 1).
     n: N, the top/bottom count per group (2N ≤ M).
-    fr_metrics / nr_metrics: the hybrid reward's sets (built-in names or pyiqa:NAME).
+    fr_metrics / nr_metrics: the hybrid reward's sets (built-in names, pyiqa:NAME, gap:NAME).
+      Default: GMSD + gradient-energy ratio | BRISQUE and NIQE-s read against the HR (gap:),
+      every term optimal at SR = HR (``rewards.hybrid.DEFAULT_FR/NR``).
 
     > Optimisation
     beta, lr, steps, batch_pairs (pairs per micro-batch), grad_accum, warmup, grad_clip,
@@ -28,8 +32,8 @@ class DP2OConfig:
 
     method: str = "dp2o"
     n: int = 4
-    fr_metrics: list[str] = field(default_factory=lambda: ["psnr", "grad_fidelity"])
-    nr_metrics: list[str] = field(default_factory=lambda: ["brisque", "sharpness"])
+    fr_metrics: list[str] = field(default_factory=lambda: list(DEFAULT_FR))
+    nr_metrics: list[str] = field(default_factory=lambda: list(DEFAULT_NR))
     beta: float = 5000.0
     lr: float = 1e-4
     steps: int = 150

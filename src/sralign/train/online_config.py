@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..rewards.hybrid import DEFAULT_FR, DEFAULT_NR
 from .candidates import LRSetConfig
 
 
@@ -31,8 +32,8 @@ class OnlineConfig:
     warmup: int = 5
     weight_decay: float = 0.0
     reward: str = "hybrid"
-    fr_metrics: list[str] = field(default_factory=lambda: ["psnr", "grad_fidelity"])
-    nr_metrics: list[str] = field(default_factory=lambda: ["brisque", "sharpness"])
+    fr_metrics: list[str] = field(default_factory=lambda: list(DEFAULT_FR))
+    nr_metrics: list[str] = field(default_factory=lambda: list(DEFAULT_NR))
     rollout_from: str = "ema"
     sampler: str = "ode"
     steps: int = 4
@@ -60,7 +61,8 @@ class GDPOConfig(OnlineConfig):
     group: int = 6
     beta: float = 100.0
     reward: str = "attribute"
-    nr_metrics: list[str] = field(default_factory=lambda: ["brisque", "sharpness"])
+    # the attribute reward's texture side scores raw NR metrics (no HR passed to them)
+    nr_metrics: list[str] = field(default_factory=lambda: ["brisque", "niqe_s"])
     rollout_from: str = "reference"
     sampler: str = "onestep"
     steps: int = 1
