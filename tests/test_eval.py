@@ -52,6 +52,7 @@ def test_report_files_exist_and_numbers_follow_the_policy(tmp_path, policy_dir):
     table = md.split("## ")[0]
     assert "| HR |" in table and "| bicubic |" in table and "sharp/HR" in table and "hacking flags" in table
     assert "psnr↑ (held-out)" in table and "brisque↓ (gap in reward)" in table and "gmsd↓ |" in table
+    assert "Each aligned policy against its reference" in md
     # perturb the aligned weights: the report's numbers must change
     with torch.no_grad():
         for q in p.trainable_parameters():
@@ -131,3 +132,32 @@ def test_smooth_noise_sees_grain_in_flat_regions_only():
     noisy = (photo + 0.03 * torch.randn(photo.shape, generator=g)).clamp(0, 1)
     st = hr_relative_stats(torch.stack([photo, noisy], 1), photo)
     assert st["noise/HR"] > 2.0 and st["sharp/HR"] > 1.01  # grain moves the smooth-region noise far more than sharpness
+
+
+def test_delta_rows_against_the_reference_of_the_same_sampler():
+    from types import SimpleNamespace
+
+    from sralign.eval.report import delta_rows, format_deltas
+
+    cur = lambda mean, worst: {"mean": [mean], "best": [1.0], "worst": [worst]}  # noqa: E731
+    res = SimpleNamespace(
+        reward={"reference (ode)": cur(0.3, 0.2), "a": cur(0.5, 0.45), "reference (onestep)": cur(0.4, 0.3), "b": cur(0.45, 0.32)},
+        samplers={"reference (ode)": "ode", "a": "ode", "reference (onestep)": "onestep", "b": "onestep"},
+        reward_std={"reference (ode)": 0.05, "a": 0.03, "reference (onestep)": 0.02, "b": 0.025},
+        metrics={"psnr": {"reference (ode)": {"mean": 28.0}, "a": {"mean": 28.05}, "reference (onestep)": {"mean": 29.0}, "b": {"mean": 28.5}}},
+        stats={k: {"sharp/HR": 0.7, "noise/HR": 0.8} for k in ("reference (ode)", "a", "reference (onestep)", "b")},
+        flags={"a": [], "b": ["x"]},
+    )
+    rows = {r["policy"]: r for r in delta_rows(res)}
+    assert rows["a"]["vs"] == "reference (ode)" and rows["b"]["vs"] == "reference (onestep)"
+    assert abs(rows["a"]["ΔMean@M"] - 0.2) < 1e-9 and abs(rows["a"]["ΔWorst@M"] - 0.25) < 1e-9 and abs(rows["a"]["Δstd/img"] + 0.02) < 1e-9
+    assert abs(rows["b"]["Δpsnr"] + 0.5) < 1e-9 and rows["a"]["hacking flags"] == "none" and rows["b"]["hacking flags"] == "x"
+    assert "| a | reference (ode) | +0.2000 | +0.2500 | -0.0200 | +0.0500 | 0.700 | 0.800 | none |" in format_deltas(res)
+
+
+def test_run_sampler_reads_the_run_config(tmp_path):
+    from sralign.eval.run import run_sampler
+
+    assert run_sampler(tmp_path) == "ode"
+    (tmp_path / "config.yaml").write_text("method: gdpo\nsampler: onestep\n")
+    assert run_sampler(tmp_path) == "onestep"

@@ -269,7 +269,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .eval.run import EvalConfig, run_eval
+    from .eval.run import EvalConfig, run_eval, run_sampler
 
     from .config import load_config
 
@@ -280,7 +280,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     target = Path(args.run)
     pol_dir = target / "policy" if (target / "policy" / "config.json").is_file() else target
     out = Path(args.out) if args.out else target / "eval"
-    run_eval({target.name: pol_dir}, cfg, out, progress=not args.quiet, run_dirs={target.name: target})
+    run_eval({target.name: pol_dir}, cfg, out, progress=not args.quiet, run_dirs={target.name: target},
+             samplers={target.name: run_sampler(target)})
     print(f"wrote {out / 'eval.json'} and {out / 'report.html'}")
     return 0
 

@@ -78,6 +78,42 @@ def format_table(result, markdown: bool = True) -> str:
     return "\n".join(lines)
 
 
+def delta_rows(result) -> list[dict]:
+    """Each aligned policy against its reference (same sampler and seeds): changes of the reward's
+    Mean@M / Worst@M / per-image std and of the held-out fidelity metrics, sharpness and noise
+    relative to the HR, and the hacking flags — the figures a claim of improvement rests on."""
+    rows = []
+    for name, reasons in getattr(result, "flags", {}).items():
+        ref = next((r for r in result.reward if r.startswith("reference (") and result.samplers.get(r) == result.samplers.get(name)), None)
+        if ref is None:
+            continue
+        cur, base = result.reward[name], result.reward[ref]
+        row = {"policy": name, "vs": ref, "ΔMean@M": cur["mean"][-1] - base["mean"][-1], "ΔWorst@M": cur["worst"][-1] - base["worst"][-1],
+               "Δstd/img": result.reward_std[name] - result.reward_std[ref]}
+        for f in ("psnr", "ssim"):
+            if f in result.metrics:
+                row[f"Δ{f}"] = result.metrics[f][name]["mean"] - result.metrics[f][ref]["mean"]
+        row.update({k: result.stats[name][k] for k in STAT_COLS})
+        row["hacking flags"] = "; ".join(reasons) if reasons else "none"
+        rows.append(row)
+    return rows
+
+
+def format_deltas(result) -> str:
+    rows = delta_rows(result)
+    if not rows:
+        return ""
+    cols = list(rows[0])
+
+    def fmt(v):
+        return f"{v:+.4f}" if isinstance(v, float) and not isinstance(v, bool) else str(v)
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(fmt(r.get(c)) if not c.endswith("/HR") else f"{r[c]:.3f}" for c in cols) + " |")
+    return "\n".join(lines)
+
+
 def legend(result) -> str:
     """What the diagnostic columns and flags mean, with the thresholds used."""
     th = getattr(result, "thresholds", None)
@@ -92,6 +128,15 @@ def legend(result) -> str:
             f"or noise/HR exceeds {th['noise_max']} (and its reference's).")
 
 
+def _html_table(table_md: str, title: str) -> str:
+    if not table_md:
+        return ""
+    rows = table_md.splitlines()
+    th = "".join(f"<th>{html.escape(c.strip())}</th>" for c in rows[0].strip("|").split("|"))
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in r.strip("|").split("|")) + "</tr>" for r in rows[2:])
+    return f"<h2>{html.escape(title)}</h2><table><tr>{th}</tr>{body}</table>"
+
+
 def write_report(out: str | Path, result, figures: dict[str, Path], meta: dict) -> tuple[Path, Path]:
     """Write ``report.html`` and ``report.md`` into ``out``. ``figures``: title -> PNG path
     (inside ``out``); ``meta``: config and timing to print."""
@@ -99,6 +144,8 @@ def write_report(out: str | Path, result, figures: dict[str, Path], meta: dict) 
     table_md = format_table(result)
     md = ["# sralign report\n", f"M = {result.m} seeds per held-out LR image; reward = {', '.join(result.reward_names)}; "
           f"held-out metrics: {', '.join(result.heldout_metrics) or 'none'}.\n", table_md, "", legend(result), ""]
+    if format_deltas(result):
+        md += ["Each aligned policy against its reference:\n", format_deltas(result), ""]
     for title, p in figures.items():
         md += [f"## {title}\n", f"![{title}]({p.name})\n"]
     md += ["## Run\n", "```json", json.dumps(meta, indent=2, default=str), "```"]
@@ -121,6 +168,7 @@ Held-out metrics (not trained on): {html.escape(', '.join(result.heldout_metrics
 ↑/↓: higher/lower is better. Win rate: share of (image, seed) where the policy beats its baseline at equal seed.</p>
 <table><tr>{th}</tr>{body}</table>
 <p>{html.escape(legend(result))}</p>
+{_html_table(format_deltas(result), "Each aligned policy against its reference")}
 {figs}
 <h2>Run</h2><pre>{html.escape(json.dumps(meta, indent=2, default=str))}</pre>
 </body></html>"""

@@ -38,6 +38,18 @@ class EvalConfig:
     grid_seeds: int = 3
 
 
+def run_sampler(run_dir: str | Path) -> str:
+    """The sampler a training run aligned (its ``config.yaml``; ``ode`` for offline runs)."""
+    p = Path(run_dir) / "config.yaml"
+    if p.is_file():
+        import yaml
+
+        cfg = yaml.safe_load(p.read_text()) or {}
+        if isinstance(cfg, dict) and isinstance(cfg.get("sampler"), str):
+            return cfg["sampler"]
+    return "ode"
+
+
 def heldout_set(cfg: EvalConfig) -> tuple[list[str], torch.Tensor, torch.Tensor, list[str | None]]:
     """(ids, lr [n,3,h,w], hr [n,3,H,W], captions) of the held-out set."""
     data = make_lr_set(cfg.lr_set)
