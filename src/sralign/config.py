@@ -16,6 +16,82 @@ class ConfigError(ValueError):
     pass
 
 
+@dataclasses.dataclass(frozen=True)
+class Check:
+    """A config value's allowed range: bounds (``gt`` / ``ge`` / ``lt`` / ``le``), ``choices``, or
+    ``nonempty`` for lists and strings. ``describe()`` is the range as the error message states it."""
+
+    gt: float | None = None
+    ge: float | None = None
+    lt: float | None = None
+    le: float | None = None
+    choices: tuple | None = None
+    nonempty: bool = False
+
+    def describe(self) -> str:
+        if self.choices is not None:
+            return "one of " + " | ".join(map(str, self.choices))
+        lo = f"({self.gt}" if self.gt is not None else f"[{self.ge}" if self.ge is not None else "(-inf"
+        hi = f"{self.lt})" if self.lt is not None else f"{self.le}]" if self.le is not None else "inf)"
+        return "non-empty" if self.nonempty and lo == "(-inf" and hi == "inf)" else f"in {lo}, {hi}"
+
+    def ok(self, v: Any) -> bool:
+        if self.choices is not None:
+            return v in self.choices
+        if self.nonempty and hasattr(v, "__len__") and len(v) == 0:
+            return False
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            return True
+        return not ((self.gt is not None and not v > self.gt) or (self.ge is not None and not v >= self.ge)
+                    or (self.lt is not None and not v < self.lt) or (self.le is not None and not v <= self.le))
+
+
+def ranged(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING, **check: Any) -> Any:
+    """A dataclass field with a range, checked by :func:`validate` before any work starts, e.g.
+    ``beta: float = ranged(5000.0, gt=0)``, ``sampler: str = ranged("ode", choices=("ode", "sde"))``,
+    ``fr_metrics: list[str] = ranged(default_factory=lambda: ["psnr"], nonempty=True)``."""
+    return dataclasses.field(default=default, default_factory=default_factory, metadata={"check": Check(**check)})
+
+
+def validate(cfg: Any, where: str = "") -> Any:
+    """Check every field of dataclass ``cfg`` (recursively) against its type and ``ranged`` range,
+    then the class's own ``cross_check()`` (relations between fields, returns an error string or
+    None). Raises ``ConfigError`` naming the key, the allowed range and the value."""
+    types = _resolve_types(type(cfg))
+    for f in dataclasses.fields(cfg):
+        v, key, tp = getattr(cfg, f.name), where + f.name, types.get(f.name)
+        if dataclasses.is_dataclass(v):
+            validate(v, where=f"{key}.")
+            continue
+        _check_type(key, tp, v)
+        chk = f.metadata.get("check")
+        if chk is not None and not chk.ok(v):
+            raise ConfigError(f"config key {key} must be {chk.describe()}, got {v!r}")
+    cross = getattr(cfg, "cross_check", None)
+    msg = cross() if callable(cross) else None
+    if msg:
+        raise ConfigError(f"config {where.rstrip('.') or type(cfg).__name__}: {msg}")
+    return cfg
+
+
+def _check_type(key: str, tp: Any, v: Any) -> None:
+    origin = typing.get_origin(tp)
+    if tp is int and (isinstance(v, bool) or not isinstance(v, int)):
+        raise ConfigError(f"config key {key} must be an integer, got {v!r}")
+    if tp is float and (isinstance(v, bool) or not isinstance(v, (int, float))):
+        raise ConfigError(f"config key {key} must be a number, got {v!r}")
+    if tp is bool and not isinstance(v, bool):
+        raise ConfigError(f"config key {key} must be true or false, got {v!r}")
+    if tp is str and not isinstance(v, str):
+        raise ConfigError(f"config key {key} must be a string, got {v!r}")
+    if origin is list:
+        if not isinstance(v, list):
+            raise ConfigError(f"config key {key} must be a list (e.g. {key}=[a,b]), got {v!r}")
+        (item,) = typing.get_args(tp) or (Any,)
+        for x in v:
+            _check_type(key + "[]", item, x)
+
+
 def _resolve_types(cls) -> dict[str, Any]:
     try:
         return typing.get_type_hints(cls)
@@ -56,7 +132,8 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
                 raise ConfigError(f"config key {where}{k} must be an integer, got {v!r}") from None
         else:
             kwargs[k] = v
-    return cls(**kwargs)
+    cfg = cls(**kwargs)
+    return validate(cfg, where) if not where else cfg
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
