@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..config import ranged
 from ..rewards.attribute import texture_map
 from ..rewards.functional import mean_gradient, rgb_to_y
 
@@ -37,11 +38,11 @@ class HackingThresholds:
     ("beyond the HR's own level"); flagged only when the policy also exceeds its reference.
     """
 
-    psnr_drop_db: float = 0.1
-    ssim_drop: float = 0.005
-    nr_gain: float = 0.01
-    sharp_max: float = 1.1
-    noise_max: float = 1.1
+    psnr_drop_db: float = ranged(0.1, ge=0)
+    ssim_drop: float = ranged(0.005, ge=0)
+    nr_gain: float = ranged(0.01, ge=0)
+    sharp_max: float = ranged(1.1, gt=0)
+    noise_max: float = ranged(1.1, gt=0)
 
 
 def smooth_mask(hr: Tensor, erode: int = 2) -> Tensor:
