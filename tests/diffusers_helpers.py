@@ -152,3 +152,100 @@ def write_t5_text_encoder(folder, d_model: int) -> None:
     write_tokenizer(folder / "tokenizer_2", max_length=6)
     T5EncoderModel(T5Config(vocab_size=len(WORDS) + 2, d_model=d_model, d_kv=4, d_ff=2 * d_model, num_layers=1,
                             num_heads=2)).save_pretrained(folder / "text_encoder_2")
+
+
+# ----------------------------------------------------------------------------- published formats
+def tiny_vae8():
+    """A tiny 4-level VAE: latents 1/8 of the image, as SD's (what ControlNetModel.from_unet's
+    default conditioning embedding assumes)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                         up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8), latent_channels=4,
+                         norm_num_groups=8, layers_per_block=1, sample_size=32)
+
+
+def write_sd_base(folder, vae=None, text: bool = True, seed: int = 0) -> None:
+    """A tiny SD-2-base-like folder: vae/ unet/ scheduler/ (scaled-linear DDPM) and, with ``text``,
+    tokenizer/ + text_encoder/ (CLIP of the UNet's cross-attention width) and model_index.json."""
+    import json
+
+    from diffusers import DDPMScheduler
+
+    torch.manual_seed(seed)
+    (vae or tiny_vae()).save_pretrained(folder / "vae")
+    unet = tiny_sd_unet()
+    unet.save_pretrained(folder / "unet")
+    DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                  clip_sample=False, steps_offset=1).save_pretrained(folder / "scheduler")
+    if text:
+        write_clip_text_encoder(folder, unet.config.cross_attention_dim)
+        (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+
+
+def osediff_unet_targets(unet) -> dict[str, list[str]]:
+    """OSEDiff's three UNet adapters as its paper/code describe them (own words): LoRA on every
+    convolution and on the attention (to_q/k/v/out), projection (proj_in/out) and feed-forward
+    (ff.net.0.proj, ff.net.2) layers; ``default_encoder`` = down_blocks + conv_in,
+    ``default_decoder`` = up_blocks + conv_out, ``default_others`` = the rest (mid block)."""
+    lin = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
+    out = {"default_encoder": [], "default_decoder": [], "default_others": []}
+    for name, m in unet.named_modules():
+        if not (isinstance(m, torch.nn.Conv2d) or (isinstance(m, torch.nn.Linear) and name.endswith(lin))):
+            continue
+        if name.startswith("down_blocks") or name == "conv_in":
+            out["default_encoder"].append(name)
+        elif name.startswith("up_blocks") or name == "conv_out":
+            out["default_decoder"].append(name)
+        else:
+            out["default_others"].append(name)
+    return out
+
+
+def osediff_vae_targets(vae) -> list[str]:
+    """OSEDiff's VAE-encoder adapter: every convolution and attention projection of the encoder, and quant_conv."""
+    lin = ("to_q", "to_k", "to_v", "to_out.0")
+    return [n for n, m in vae.named_modules() if (n.startswith("encoder.") and (isinstance(m, torch.nn.Conv2d) or
+            (isinstance(m, torch.nn.Linear) and n.endswith(lin)))) or n == "quant_conv"]
+
+
+def write_osediff_pkl(base, path, seed: int = 0, rank: int = 4):
+    """An ``osediff.pkl`` laid out as OSEDiff's ``save_model`` writes it (torch.save of a dict:
+    target lists, ranks, UNet LoRA + full conv_in, VAE LoRA), random trained-looking weights.
+    Returns (unet, vae) with the adapters active, loaded from ``base`` through diffusers + peft
+    directly (the reference)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from peft import LoraConfig
+
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+    vae = AutoencoderKL.from_pretrained(base, subfolder="vae")
+    ut, vt = osediff_unet_targets(unet), osediff_vae_targets(vae)
+    for a, t in ut.items():  # peft's default lora_alpha (8) as OSEDiff left it
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=8, init_lora_weights="gaussian", target_modules=t), adapter_name=a)
+    unet.set_adapter(list(ut))
+    vae.add_adapter(LoraConfig(r=rank, lora_alpha=8, init_lora_weights="gaussian", target_modules=vt), adapter_name="default_encoder")
+    vae.set_adapter(["default_encoder"])
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in (unet, vae):
+            for n, p in m.named_parameters():
+                if "lora" in n or (m is unet and "conv_in" in n):
+                    p.add_(0.05 * torch.randn(p.shape, generator=g))
+    ck = {"vae_lora_encoder_modules": vt, "unet_lora_encoder_modules": ut["default_encoder"],
+          "unet_lora_decoder_modules": ut["default_decoder"], "unet_lora_others_modules": ut["default_others"],
+          "rank_unet": rank, "rank_vae": rank,
+          "state_dict_unet": {k: v.clone() for k, v in unet.state_dict().items() if "lora" in k or "conv_in" in k},
+          "state_dict_vae": {k: v.clone() for k, v in vae.state_dict().items() if "lora" in k}}
+    torch.save(ck, path)
+    return unet.eval(), vae.eval()
+
+
+def encode_empty_prompt(folder) -> torch.Tensor:
+    """The CLIP embedding [1,L,D] of "" with a folder's own tokenizer + text encoder (as the authors feed it)."""
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    tok = AutoTokenizer.from_pretrained(folder, subfolder="tokenizer")
+    te = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")
+    ids = tok([""], padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return te(ids).last_hidden_state

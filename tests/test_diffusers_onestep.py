@@ -104,3 +104,78 @@ def test_dsm_encodes_a_batch_once_for_policy_and_reference(sd_folder):
     assert len(calls) == 2
     pol._clean_latents = None
     assert torch.allclose(pol.dsm(x0, cond, t, eps), fresh)  # the cache never changes a result
+
+
+# ----------------------------------------------------------------------------- oracles (issue 13)
+@pytest.fixture(scope="module")
+def sd21_folder(tmp_path_factory):
+    """A tiny SD2.1-base-like folder with its own text encoder and scheduler config."""
+    from diffusers_helpers import write_sd_base
+
+    d = tmp_path_factory.mktemp("sd21") / "tiny-sd21"
+    write_sd_base(d)
+    return d
+
+
+def _reference_parts(folder):
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+    from diffusers_helpers import encode_empty_prompt
+
+    sched = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+    return (AutoencoderKL.from_pretrained(folder, subfolder="vae").eval(), UNet2DConditionModel.from_pretrained(folder, subfolder="unet").eval(),
+            sched, encode_empty_prompt(folder))
+
+
+def test_oracle_onestep_osediff(sd21_folder):
+    """t_noise = 0, t_diff = 0.999: OSEDiff's forward — VAE encode of LR↑ in [-1,1] (posterior mode),
+    no noise, UNet at t = 999, x̂0 = (z − √(1−ᾱ)ε̂)/√ᾱ, VAE decode — written out by hand and via
+    diffusers' DDPMScheduler.step as the authors call it. Measured max |Δ| ~1e-7; bound 1e-5."""
+    from sralign.policies.diffusers import OneStepSDConfig
+
+    pol = OneStepSD.from_pretrained(sd21_folder, OneStepSDConfig(t_noise=0.0, t_diff=0.999))
+    vae, unet, sched, emb = _reference_parts(sd21_folder)
+    cond = pol.condition(torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)))
+    n1 = torch.randn(pol.noise_shape(cond), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got = pol.sample(cond, n1).images
+        assert torch.equal(got, pol.sample(cond, 5 * n1).images)  # no noise enters: deterministic
+        sf = vae.config.scaling_factor
+        # contiguous: the encoder returns channels-last strides, and the UNet's convolutions sum in
+        # another order then (ε̂ off by 1e-5 relative, ×15 through 1/√ᾱ₉₉₉ at this random model's |x̂0| ≈ 19)
+        z = (vae.encode(cond.lr_up * 2 - 1).latent_dist.mode() * sf).contiguous()
+        eps = unet(z, torch.tensor(999), encoder_hidden_states=emb.expand(2, -1, -1)).sample
+        a = sched.alphas_cumprod[999]
+        by_hand = (z - (1 - a).sqrt() * eps) / a.sqrt()
+        # the authors' set_timesteps(1) on diffusers 0.25 makes step() jump to the clean end (ᾱ_prev = 1);
+        # today's diffusers looks the timestep up in the schedule, so give it that one timestep
+        sched.set_timesteps(timesteps=[999])
+        by_sched = sched.step(eps, 999, z, generator=torch.Generator().manual_seed(0)).prev_sample
+        assert (by_hand - by_sched).abs().max() < 1e-4 * by_hand.abs().max()  # the scheduler's x̂0 (+ ~1e-10 variance)
+        want = ((vae.decode(by_hand / sf).sample + 1) / 2).clamp(0, 1)
+    err = (got - want).abs().max().item()
+    print(f"max |Δ| = {err:.1e}")
+    assert err <= 1e-5, err
+
+
+def test_oracle_onestep_naosd(sd21_folder):
+    """The defaults (GDPO-SR's NAOSD: t_noise 0.25, t_diff 0.10): z_in = DDPMScheduler.add_noise(z_lr,
+    ε, 250), UNet at 100, the one-step scheduler's step to x̂0, VAE decode. Bound 1e-5."""
+    pol = OneStepSD.from_pretrained(sd21_folder)
+    assert (pol.config.t_noise, pol.config.t_diff) == (0.25, 0.10)
+    vae, unet, sched, emb = _reference_parts(sd21_folder)
+    cond = pol.condition(torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0)))
+    noise = torch.randn(pol.noise_shape(cond, 3), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got = pol.sample(cond, noise).images
+        sf = vae.config.scaling_factor
+        z_lr = (vae.encode(cond.lr_up * 2 - 1).latent_dist.mode() * sf).repeat(3, 1, 1, 1)
+        z_in = sched.add_noise(z_lr, noise, torch.tensor([250]))
+        eps = unet(z_in, torch.tensor(100), encoder_hidden_states=emb.expand(3, -1, -1)).sample
+        sched.set_timesteps(timesteps=[100])  # one step from 100 to the clean end, as the authors' set_timesteps(1)
+        z0 = sched.step(eps, 100, z_in, generator=torch.Generator().manual_seed(0)).prev_sample
+        want = ((vae.decode(z0 / sf).sample + 1) / 2).clamp(0, 1)
+    err = (got - want).abs().max().item()
+    print(f"max |Δ| = {err:.1e}")
+    assert err <= 1e-5, err
+    assert (got[0] - got[1]).abs().mean() > 1e-4  # fresh noise, diverse outputs

@@ -168,3 +168,125 @@ def test_two_process_resume_equals_uninterrupted(tmp_path, policy_dir):  # noqa:
     assert all(torch.allclose(a[k], b[k], atol=1e-7) for k in a)
     ref = load_policy(str(tmp_path / "full" / "policy"))._ref.state_dict()
     assert any(not torch.allclose(a[k], ref[k], atol=1e-5) for k in a)
+
+
+# ---------------------------------------------------------------------------- issue 17: checked before work, resume checks
+from sralign.cli import main  # noqa: E402
+from sralign.config import ConfigError  # noqa: E402
+from sralign.train.checkpoint import CheckpointError, check_resume  # noqa: E402
+
+_DGPO = ["--quiet", "batch_lr=1", "group=3", "lr_set.n=2", "lr_set.patch=32", "checkpoint_every=1"]
+
+
+def _files(folder):
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def dgpo_run(tmp_path, policy_dir):  # noqa: F811
+    run = tmp_path / "run"
+    assert main(["train", "--method", "dgpo", "--policy", str(policy_dir), "--out", str(run), "steps_total=1", *_DGPO]) == 0
+    return run
+
+
+def _err_line(capsys):
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = [l for l in err.splitlines() if "error:" in l]
+    return line
+
+
+def test_resume_as_another_method_is_refused_naming_both(dgpo_run, scored_store, policy_dir, capsys):  # noqa: F811
+    before = _files(dgpo_run)
+    rc = main(["train", "--method", "dp2o", "--store", str(scored_store), "--policy", str(policy_dir), "--out", str(dgpo_run),
+               "--resume", "--quiet", "steps=2", "n=2"])
+    line = _err_line(capsys)
+    assert rc == 2 and "is a dgpo run, not dp2o" in line and "--method dgpo" in line
+    rc = main(["train", "--method", "grpo", "--policy", str(policy_dir), "--out", str(dgpo_run), "--resume", "steps_total=2", *_DGPO])
+    assert rc == 2 and "is a dgpo run, not grpo" in _err_line(capsys)
+    assert _files(dgpo_run) == before
+
+
+def test_resume_with_another_config_is_refused_but_more_steps_are_fine(dgpo_run, policy_dir, capsys):  # noqa: F811
+    before = _files(dgpo_run)
+    rc = main(["train", "--method", "dgpo", "--policy", str(policy_dir), "--out", str(dgpo_run), "--resume", "steps_total=2", "beta=10",
+               *_DGPO])
+    line = _err_line(capsys)
+    assert rc == 2 and "beta: run has 5000.0, now 10.0" in line and "config.yaml" in line
+    assert _files(dgpo_run) == before
+    assert main(["train", "--method", "dgpo", "--policy", str(policy_dir), "--out", str(dgpo_run), "--resume", "steps_total=2", *_DGPO]) == 0
+    assert json.loads((dgpo_run / "checkpoint" / "state.json").read_text())["step"] == 2
+
+
+def test_check_resume_in_code_and_without_a_checkpoint(tmp_path, dgpo_run):
+    check_resume(tmp_path / "fresh", DGPOConfig())  # nothing to resume: nothing to check
+    with pytest.raises(CheckpointError, match=r"lr_set.n: run has 2, now 32"):
+        check_resume(dgpo_run, DGPOConfig(batch_lr=1, group=3, checkpoint_every=1, lr_set=LRSetConfig(n=32, patch=32)))
+    check_resume(dgpo_run, DGPOConfig(batch_lr=1, group=3, checkpoint_every=7, steps_total=9, lr_set=LRSetConfig(n=2, patch=32)))
+
+
+@pytest.mark.parametrize("damage,needle", [
+    (lambda ck: (ck / "state.json").write_text('{"step": 1, "rng'), "state.json is corrupt"),
+    (lambda ck: (ck / "state.json").write_text("[]"), "state.json is corrupt"),
+    (lambda ck: (ck / "state.safetensors").write_bytes(b"\x00" * 64), "state.safetensors is missing or corrupt"),
+    (lambda ck: (ck / "state.safetensors").unlink(), "state.safetensors is missing or corrupt"),
+])
+def test_corrupt_checkpoint_is_a_one_line_error(dgpo_run, policy_dir, damage, needle):  # noqa: F811
+    damage(dgpo_run / "checkpoint")
+    before = _files(dgpo_run)
+    r = subprocess.run([sys.executable, "-m", "sralign.cli", "train", "--method", "dgpo", "--policy", str(policy_dir), "--out",
+                        str(dgpo_run), "--resume", "steps_total=2", *_DGPO], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    (line,) = [l for l in r.stderr.splitlines() if "error:" in l]
+    assert needle in line and "delete" in line
+    assert _files(dgpo_run) == before
+
+
+def test_checkpoint_of_another_model_is_a_one_line_error(dgpo_run, tmp_path, capsys):
+    from sralign.policies.tiny import TinyPolicy, TinyPolicyConfig
+    from sralign.policies.unet import UNetConfig
+
+    other = tmp_path / "other"
+    TinyPolicy(TinyPolicyConfig(unet=UNetConfig(channels=(8, 8), cond_channels=8, time_dim=32))).save(other)
+    rc = main(["train", "--method", "dgpo", "--policy", str(other), "--out", str(dgpo_run), "--resume", "steps_total=2", *_DGPO])
+    line = _err_line(capsys)
+    assert rc == 2 and "checkpoint does not fit this model" in line
+
+
+def test_damaged_last_metrics_line_does_not_stop_a_resume(dgpo_run, policy_dir):  # noqa: F811
+    m = dgpo_run / "metrics.jsonl"
+    m.write_text(m.read_text() + '{"step": 1, "loss": 0.')  # a kill -9 in the middle of a write
+    assert main(["train", "--method", "dgpo", "--policy", str(policy_dir), "--out", str(dgpo_run), "--resume", "steps_total=2", *_DGPO]) == 0
+    assert [json.loads(l)["step"] for l in m.read_text().splitlines()] == [0, 1]
+
+
+def test_configs_built_in_code_are_checked_where_work_starts(tmp_path, policy_dir, scored_store):  # noqa: F811
+    from sralign.eval.run import EvalConfig, run_eval
+    from sralign.train.pretrain import PretrainConfig, pretrain
+
+    pol = load_policy(str(policy_dir))
+    with pytest.raises(ConfigError, match=r"beta must be in \(0, inf\), got -1"):
+        OnlineTrainer(pol, DGPOConfig(beta=-1, lr_set=LRSetConfig(n=2, patch=32)), tmp_path / "a")
+    with pytest.raises(ConfigError, match="group must be in"):
+        OnlineTrainer(pol, GDPOConfig(group=1), tmp_path / "a")
+    with pytest.raises(ConfigError, match="batch_pairs must be in"):
+        OfflineTrainer(pol, CandidateStore(scored_store, repair=False), DP2OConfig(batch_pairs=0), tmp_path / "b")
+    with pytest.raises(ConfigError, match="fr_metrics must be a list"):
+        OfflineTrainer(pol, CandidateStore(scored_store, repair=False), DP2OConfig(fr_metrics="psnr"), tmp_path / "b")
+    st = CandidateStore(tmp_path / "s")
+    with pytest.raises(ConfigError, match=r"m must be in \[2, inf\), got 0"):
+        generate(st, pol, GenerateConfig(m=0, lr_set=LRSetConfig(n=2, patch=32)), progress=False)
+    assert st.lr_ids() == []  # nothing was written
+    with pytest.raises(ConfigError, match="steps must be in"):
+        pretrain(PretrainConfig(steps=0), tmp_path / "c", progress=False)
+    with pytest.raises(ConfigError, match="m must be in"):
+        run_eval({"x": policy_dir}, EvalConfig(m=0), tmp_path / "d", progress=False)
+    assert not any((tmp_path / d).exists() for d in "abcd")
+
+
+def test_n_larger_than_half_of_m_fails_before_the_run_folder(tmp_path, scored_store, policy_dir, capsys):  # noqa: F811
+    run = tmp_path / "run"
+    rc = main(["train", "--method", "dp2o", "--store", str(scored_store), "--policy", str(policy_dir), "--out", str(run), "--quiet", "n=5"])
+    line = _err_line(capsys)
+    assert rc == 2 and "2N <= M" in line and "N=5, M=8" in line
+    assert not run.exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -14,35 +15,111 @@ class CLIError(Exception):
     """A user error: printed as one line, exit code 2."""
 
 
+# ----------------------------------------------------------------------------- output rules
+def _input_files(src: Path) -> list[Path]:
+    """The files of folder ``src`` a command reads (sorted, non-recursive, no hidden files);
+    ``IMG.txt`` beside ``IMG.png`` is that image's caption, not an input."""
+    files = sorted(p for p in src.iterdir() if p.is_file() and not p.name.startswith("."))
+    stems = {p.stem for p in files if p.suffix.lower() != ".txt"}
+    return [p for p in files if not (p.suffix.lower() == ".txt" and p.stem in stems)]
+
+
+def _same_place(a: Path, b: Path) -> bool:
+    """``a`` and ``b`` are one file or folder (after symlinks and hard links), existing or not."""
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return a.resolve() == b.resolve()
+
+
+def _writable_folder(folder: Path, what: str) -> None:
+    """Refuse, before any work, an output folder that is a file or cannot be written."""
+    if folder.exists() and not folder.is_dir():
+        raise CLIError(f"{what} {folder} is an existing file, not a folder; pass a folder path")
+    anc = folder
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if anc.exists() and not anc.is_dir():
+        raise CLIError(f"{what} {folder}: {anc} is a file, so no folder can be made there")
+    if anc.exists() and not os.access(anc, os.W_OK | os.X_OK):
+        raise CLIError(f"{what} {folder}: {anc} is not writable (permission denied); choose a folder you can write to")
+
+
+def _plan_outputs(pairs: list[tuple[Path, Path]], inputs: list[Path]) -> None:
+    """Refuse, before any work, outputs that would overwrite an input (the same file, also via a
+    link) or each other (``x.png`` and ``x.jpg`` both -> ``x.png``), naming the files."""
+    ids = {}
+    for f in inputs:
+        try:
+            st = f.stat()
+            ids[(st.st_dev, st.st_ino)] = f
+        except OSError:
+            pass
+    by_path = {f.resolve(): f for f in inputs}
+    seen: dict[Path, Path] = {}
+    for f, dst in pairs:
+        r = dst.resolve()
+        hit = by_path.get(r)
+        if hit is None and dst.exists():
+            st = dst.stat()
+            hit = ids.get((st.st_dev, st.st_ino))
+        if hit is not None:
+            raise CLIError(f"output {dst} would overwrite the input {hit}; choose another output path")
+        if dst.exists() and dst.is_dir():
+            raise CLIError(f"output {dst} is an existing folder; choose another output path")
+        if r in seen:
+            raise CLIError(f"{seen[r]} and {f} would both be written to {dst} (outputs are named STEM.png); "
+                           "rename one of them or move it to another folder")
+        seen[r] = f
+
+
+def _image_targets(src: Path, output: str) -> list[tuple[Path, Path]]:
+    """(input, output) pairs of ``sr`` / ``degrade``: a folder -> OUT/STEM.png; one file -> OUT
+    (an image path) or OUT/STEM.png (a folder). Checked by ``_plan_outputs``."""
+    from .data.images import IMAGE_EXTENSIONS
+
+    out = Path(output)
+    if src.is_dir():
+        if _same_place(src, out):
+            raise CLIError(f"output folder {out} is the input folder; write the results to another folder")
+        _writable_folder(out, "output folder")
+        files = _input_files(src)
+        if not files:
+            raise CLIError(f"{src}: folder holds no files")
+        pairs = [(f, out / (f.stem + ".png")) for f in files]
+    else:
+        files = [src]
+        if out.is_dir() or out.suffix.lower() not in IMAGE_EXTENSIONS:
+            if out.suffix and not out.is_dir() and out.exists():
+                raise CLIError(f"output {out} is an existing file but not an image path (.png, .jpg, ...); pass an image path or a folder")
+            _writable_folder(out, "output folder")
+            pairs = [(src, out / (src.stem + ".png"))]
+        else:
+            _writable_folder(out.parent, "output folder")
+            pairs = [(src, out)]
+    _plan_outputs(pairs, files)
+    return pairs
+
+
 # ----------------------------------------------------------------------------- sr
 def cmd_sr(args: argparse.Namespace) -> int:
     from .colorfix import COLOR_FIXES
-    from .data.images import IMAGE_EXTENSIONS, ImageError, load_image, save_image
+    from .data.images import ImageError, load_image, save_image
     from .inference import super_resolve
     src = Path(args.input)
     if not src.exists():
         raise CLIError(f"{src}: no such file or folder")
     if args.colorfix not in COLOR_FIXES:
         raise CLIError(f"--colorfix must be one of {', '.join(COLOR_FIXES)}")
-    if src.is_dir():
-        files = sorted(p for p in src.iterdir() if p.is_file() and not p.name.startswith("."))
-        stems = {p.stem for p in files if p.suffix.lower() != ".txt"}
-        # IMG.txt beside IMG.png is that image's prompt, not an input
-        files = [p for p in files if not (p.suffix.lower() == ".txt" and p.stem in stems)]
-        if not files:
-            raise CLIError(f"{src}: folder holds no files")
-        out_dir = Path(args.output)
-        targets = [(f, out_dir / (f.stem + ".png")) for f in files]
-    else:
-        out = Path(args.output)
-        if out.suffix.lower() in IMAGE_EXTENSIONS:
-            targets = [(src, out)]
-        else:
-            targets = [(src, out / (src.stem + ".png"))]
-    policy = _policy(args.policy, args.model_path)
+    if not 1 <= args.steps <= 1000:
+        raise CLIError(f"--steps must be in [1, 1000], got {args.steps}")
+    if args.tile < 0 or args.overlap < 0:
+        raise CLIError(f"--tile and --overlap must be >= 0 (0 = no tiling), got --tile {args.tile} --overlap {args.overlap}")
+    targets = _image_targets(src, args.output)
+    policy = _policy(args.policy, args.model_path, args.start)
     policy.model.eval()
-    if args.start is not None:
-        policy.config.ode_start = args.start
     from tqdm.auto import tqdm
 
     text = getattr(policy, "prompt_encoder", None) is not None
@@ -85,13 +162,13 @@ def cmd_degrade(args: argparse.Namespace) -> int:
     if not src.exists():
         raise CLIError(f"{src}: no such file or folder")
     cfg = load_config(RealESRGANConfig, args.config, [f"scale={args.scale}"])
+    targets = _image_targets(src, args.output)
     deg = RealESRGANDegradation(cfg)
-    files = sorted(p for p in src.iterdir() if p.is_file() and not p.name.startswith(".")) if src.is_dir() else [src]
-    out = Path(args.output)
+    files = [f for f, _ in targets]
     from tqdm.auto import tqdm
 
     failed = []
-    for i, f in enumerate(tqdm(files, desc="degrade", disable=args.quiet or len(files) < 2)):
+    for i, (f, dst) in enumerate(tqdm(targets, desc="degrade", disable=args.quiet or len(files) < 2)):
         try:
             hr = load_image(f)
         except ImageError as e:
@@ -106,7 +183,7 @@ def cmd_degrade(args: argparse.Namespace) -> int:
             continue
         g = torch.Generator().manual_seed(args.seed * 1_000_003 + i)
         lr = deg(hr[None, :, :h2, :w2], g)[0]
-        save_image(lr, (out / (f.stem + ".png")) if src.is_dir() or out.suffix == "" else out)
+        save_image(lr, dst)
     if failed:
         print(f"sralign degrade: {len(files) - len(failed)} written, {len(failed)} failed: {', '.join(failed)}", file=sys.stderr)
         return 1
@@ -120,15 +197,20 @@ def cmd_score(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from .data.images import ImageError, load_image
+    from .data.atomic import atomic_write
+    from .data.images import IMAGE_EXTENSIONS, ImageError, load_image
     from .rewards.base import MetricError
     from .rewards.registry import get_metric
 
     if args.store:
+        from .config import check_metric_names
         from .train.candidates import score_store
         from .data.store import CandidateStore
 
         names = [n.strip() for n in args.metrics.split(",") if n.strip()]
+        bad = check_metric_names("--metrics", names) if names else "--metrics names no metric; e.g. --metrics psnr,brisque"
+        if bad:  # before the store is opened
+            raise CLIError(bad)
         try:
             n = score_store(CandidateStore(args.store), names, progress=not args.quiet)
         except (MetricError, ValueError) as e:
@@ -140,32 +222,55 @@ def cmd_score(args: argparse.Namespace) -> int:
     sr_dir = Path(args.sr)
     if not sr_dir.is_dir():
         raise CLIError(f"{sr_dir}: not a folder of SR images")
+    hr_dir = Path(args.hr) if args.hr else None
+    if hr_dir is not None and not hr_dir.is_dir():
+        raise CLIError(f"--hr {hr_dir}: {'not a folder' if hr_dir.exists() else 'no such folder'}; pass the folder of HR images")
     names = [n.strip() for n in args.metrics.split(",") if n.strip()]
+    if not names:
+        raise CLIError("--metrics names no metric; e.g. --metrics psnr,ssim,brisque")
+    out = Path(args.out)
+    if out.is_dir():
+        raise CLIError(f"--out {out} is a folder; pass a .csv file path")
+    if _same_place(out.parent, sr_dir):
+        raise CLIError(f"--out {out} is inside the SR folder, where it would be read as an SR image next time; write it elsewhere")
+    files = sorted(p for p in sr_dir.iterdir() if p.is_file() and not p.name.startswith("."))
+    hr_files: dict[str, list[Path]] = {}
+    if hr_dir is not None:
+        for p in sorted(hr_dir.iterdir()):
+            if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS:
+                hr_files.setdefault(p.stem, []).append(p)  # exact stems: no glob on user names
+    _plan_outputs([(sr_dir, out)], [*files, *(p for ps in hr_files.values() for p in ps)])
+    _writable_folder(out.parent, "--out folder")
+    if not files:
+        raise CLIError(f"{sr_dir}: folder holds no files")
     kw = {"weights_dir": args.weights_dir} if args.weights_dir else {}
     try:
         metrics = [get_metric(n, **kw) if n.lower().startswith("pyiqa:") else get_metric(n) for n in names]
     except (MetricError, FileNotFoundError) as e:
         raise CLIError(str(e)) from None
-    if any(m.kind == "FR" for m in metrics) and not args.hr:
+    if any(m.kind == "FR" for m in metrics) and hr_dir is None:
         fr = ", ".join(m.name for m in metrics if m.kind == "FR")
         raise CLIError(f"full-reference metrics ({fr}) need --hr HR_DIR")
-    hr_dir = Path(args.hr) if args.hr else None
-    files = sorted(p for p in sr_dir.iterdir() if p.is_file() and not p.name.startswith("."))
     rows, failed = [], 0
     for f in tqdm(files, desc="score", disable=args.quiet):
         try:
             sr = load_image(f)[None]
             hr = None
             if hr_dir is not None:
-                cands = [p for p in hr_dir.glob(f.stem + ".*")]
+                cands = hr_files.get(f.stem, [])
                 if not cands:
-                    raise ImageError(f"{f}: no HR image named {f.stem}.* in {hr_dir}")
+                    raise ImageError(f"{f}: no HR image named {f.stem} (+ an image extension) in {hr_dir}")
+                if len(cands) > 1:
+                    raise ImageError(f"{f}: {' and '.join(str(c) for c in cands)} both match; keep one HR image per name")
                 hr = load_image(cands[0])[None]
                 if hr.shape != sr.shape:
-                    raise ImageError(f"{f}: SR is {sr.shape[3]}x{sr.shape[2]} but HR {cands[0].name} is {hr.shape[3]}x{hr.shape[2]}")
+                    raise ImageError(f"{f}: SR is {sr.shape[3]}x{sr.shape[2]} px but HR {cands[0]} is {hr.shape[3]}x{hr.shape[2]} px")
             row = {"image": f.name}
             for m in metrics:
-                v = float(m(sr, hr if m.kind == "FR" else None)[0])
+                try:
+                    v = float(m(sr, hr if m.kind == "FR" else None)[0])
+                except MetricError as e:
+                    raise MetricError(f"{f}: {e}") from None
                 if not torch.isfinite(torch.tensor(v)):
                     raise MetricError(f"{f}: metric {m.name} returned {v}")
                 row[m.name] = f"{v:.6f}"
@@ -173,14 +278,14 @@ def cmd_score(args: argparse.Namespace) -> int:
         except (ImageError, MetricError) as e:
             print(f"sralign score: skipped {e}", file=sys.stderr)
             failed += 1
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    with tmp.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=["image", *[m.name for m in metrics]])
-        w.writeheader()
-        w.writerows(rows)
-    tmp.replace(out)
+
+    def write_csv(tmp: str) -> None:
+        with open(tmp, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=["image", *[m.name for m in metrics]])
+            w.writeheader()
+            w.writerows(rows)
+
+    atomic_write(out, write_csv)
     if rows and not args.quiet:
         for m in metrics:
             vals = [float(r[m.name]) for r in rows]
@@ -238,9 +343,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_method(cfg, method: str) -> None:
+    if cfg.method != method:
+        raise CLIError(f"--method {method} but the config sets method={cfg.method}; drop one of them")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
+    from .train.checkpoint import check_resume
 
+    _writable_folder(Path(args.out), "--out")
     if args.method in ("dp2o", "dpo"):
         from .data.store import CandidateStore
         from .train.offline import OfflineTrainer
@@ -249,6 +361,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not args.store:
             raise CLIError(f"--method {args.method} trains on a candidate store: pass --store DIR (made by `sralign generate` + `sralign score --store`)")
         cfg = load_config(DP2OConfig, args.config, [f"method={args.method}", *args.overrides])
+        _check_method(cfg, args.method)
+        if args.resume:
+            check_resume(args.out, cfg)
         store = CandidateStore(args.store, repair=False)
         try:
             tr = OfflineTrainer(_policy(args.policy, args.model_path, args.start), store, cfg, args.out)
@@ -260,6 +375,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         from .train.online_config import METHOD_CONFIGS
 
         cfg = load_config(METHOD_CONFIGS[args.method], args.config, args.overrides)
+        _check_method(cfg, args.method)
+        if args.resume:
+            check_resume(args.out, cfg)
         OnlineTrainer(_policy(args.policy, args.model_path, args.start), cfg, args.out).train(resume=args.resume, progress=not args.quiet)
     from .train.distributed import rank_world
 
@@ -278,6 +396,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         ov.append(f"m={args.m}")
     cfg = load_config(EvalConfig, args.config, ov)
     target = Path(args.run)
+    if not target.is_dir():
+        raise CLIError(f"{target}: {'not a folder' if target.exists() else 'no such folder'}; pass a training run folder (or a policy folder)")
+    if args.out:
+        _writable_folder(Path(args.out), "--out")
     pol_dir = target / "policy" if (target / "policy" / "config.json").is_file() else target
     out = Path(args.out) if args.out else target / "eval"
     run_eval({target.name: pol_dir}, cfg, out, progress=not args.quiet, run_dirs={target.name: target},
@@ -292,15 +414,35 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from .train.pretrain import PretrainConfig, pretrain
 
     cfg = load_config(PretrainConfig, args.config, args.overrides)
+    _writable_folder(Path(args.out), "--out")
+    if args.resume:
+        from .train.checkpoint import check_resume
+
+        check_resume(args.out, cfg)
     pretrain(cfg, args.out, resume=args.resume, progress=not args.quiet)
     print(f"model written to {Path(args.out) / 'model'}")
     return 0
 
 
 # ----------------------------------------------------------------------------- demo
+def cmd_convert(args: argparse.Namespace) -> int:
+    try:
+        from .policies.diffusers.convert import ConvertError, convert
+    except ImportError as e:
+        raise CLIError(f"convert needs the diffusers extra: pip install 'sralign[diffusers]' ({e})") from None
+    try:
+        out = convert(args.kind, args.src, args.base, args.out, num_layers=args.num_layers, num_single_layers=args.num_single_layers,
+                      copy=args.copy)
+    except ConvertError as e:
+        raise CLIError(str(e)) from None
+    print(f"{args.kind}: wrote {out}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    _writable_folder(Path(args.out), "--out")
     run_demo(args.out, quick=args.quick, progress=not args.quiet)
     return 0
 
@@ -389,6 +531,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("overrides", nargs="*")
     ev.set_defaults(func=cmd_eval)
 
+    cv = sub.add_parser("convert", help="a published checkpoint -> a complete local model folder (C-SD2, C-FLUX, OSEDiff, GDPO-SR)")
+    cv.add_argument("kind", choices=["sd-controlnet", "flux-controlnet", "osediff", "gdpo-sr"])
+    cv.add_argument("src", help="the checkpoint: model.safetensors (ControlNets), osediff.pkl, or the GDPO-SR folder")
+    cv.add_argument("--base", required=True, help="the base model's diffusers folder (SD2-base, FLUX.1-dev, SD2.1-base); never modified")
+    cv.add_argument("--out", required=True, help="new output folder (refused if it exists and is not empty)")
+    cv.add_argument("--num-layers", type=int, default=4, help="flux-controlnet: double-stream blocks (DP²O-SR: 4)")
+    cv.add_argument("--num-single-layers", type=int, default=0, help="flux-controlnet: single-stream blocks (DP²O-SR: 0)")
+    cv.add_argument("--copy", action="store_true", help="copy the base model's other parts instead of symlinking them")
+    cv.set_defaults(func=cmd_convert)
+
     t = sub.add_parser("pretrain", help="train the tiny base policy (how the shipped checkpoint was made)")
     t.add_argument("--out", default="runs/pretrain")
     t.add_argument("--config", default=None, help="YAML file with PretrainConfig fields")
@@ -409,7 +561,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    start = getattr(args, "start", None)
     try:
+        if start is not None and not 0.0 < start <= 1.0:  # before any model is loaded
+            raise CLIError(f"--start must be in (0, 1], got {start}")
         return int(args.func(args) or 0)
     except CLIError as e:
         print(f"sralign {args.command}: error: {e}", file=sys.stderr)
@@ -417,13 +572,35 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"sralign {args.command}: interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # config errors and the like: one line, not a traceback
-        from .config import ConfigError
+    except Exception as e:  # user errors (config, checkpoint, files): one line, not a traceback
+        msg = _user_error(e, args)
+        if msg is None or args.verbose:  # -v shows the traceback
+            raise
+        print(f"sralign {args.command}: error: {msg}", file=sys.stderr)
+        return 2
 
-        if isinstance(e, ConfigError):
-            print(f"sralign {args.command}: error: {e}", file=sys.stderr)
-            return 2
-        raise
+
+def _user_error(e: Exception, args: argparse.Namespace) -> str | None:
+    """The one-line message for an error caused by the user's input or files; None for a bug."""
+    import sqlite3
+
+    from .config import ConfigError
+    from .data.images import ImageError
+    from .rewards.base import MetricError
+    from .train.checkpoint import CheckpointError
+
+    if isinstance(e, (ConfigError, CheckpointError, ImageError, MetricError)):
+        return str(e)
+    if isinstance(e, sqlite3.DatabaseError):
+        store = getattr(args, "store", None)
+        where = f"candidate store {store}: index {Path(store) / 'index.sqlite'}" if store else "an SQLite index"
+        return f"{where} cannot be used ({e}); it is damaged, locked or not writable — restore it, or pass another --store"
+    if isinstance(e, OSError) and e.filename is not None:
+        what = {PermissionError: "permission denied", FileExistsError: "exists and is not a folder",
+                NotADirectoryError: "a part of this path is a file, not a folder", IsADirectoryError: "is a folder, expected a file"}
+        reason = what.get(type(e), e.strerror or str(e))
+        return f"cannot write or read {e.filename}: {reason}; choose another output path or fix the permissions"
+    return None
 
 
 if __name__ == "__main__":

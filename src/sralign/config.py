@@ -64,7 +64,7 @@ def validate(cfg: Any, where: str = "") -> Any:
             validate(v, where=f"{key}.")
             continue
         _check_type(key, tp, v)
-        chk = f.metadata.get("check")
+        chk = _check_of(type(cfg), f)
         if chk is not None and not chk.ok(v):
             raise ConfigError(f"config key {key} must be {chk.describe()}, got {v!r}")
     cross = getattr(cfg, "cross_check", None)
@@ -72,6 +72,43 @@ def validate(cfg: Any, where: str = "") -> Any:
     if msg:
         raise ConfigError(f"config {where.rstrip('.') or type(cfg).__name__}: {msg}")
     return cfg
+
+
+def _check_of(cls: type, f: dataclasses.Field) -> Check | None:
+    """The field's range; a subclass that only changes a default (``group: int = 6``) keeps
+    the range its base class declared."""
+    if "check" in f.metadata:
+        return f.metadata["check"]
+    for base in cls.__mro__[1:]:
+        bf = getattr(base, "__dataclass_fields__", {}).get(f.name)
+        if bf is not None and "check" in bf.metadata:
+            return bf.metadata["check"]
+    return None
+
+
+def check_metric_names(key: str, names: list[str], kind: str | None = None) -> str | None:
+    """None if every name in ``names`` is a registered metric (or ``pyiqa:NAME``) of ``kind``
+    ("FR" / "NR", None = either), else the problem as one line naming ``key`` and the valid names.
+    Cheap: built-in metrics are constructed, pyiqa ones are only checked later, when loaded."""
+    from .rewards.base import MetricError
+    from .rewards.registry import get_metric, list_metrics
+
+    for n in names:
+        if not isinstance(n, str) or not n.strip():
+            return f"{key} holds an empty metric name; valid: {', '.join(list_metrics())} or pyiqa:NAME"
+        if n.strip().lower().startswith(("pyiqa:", "gap:pyiqa:")):
+            if not n.strip().lower().split("pyiqa:", 1)[1]:
+                return f"{key}: {n!r} names no pyiqa metric (pyiqa:NAME, e.g. pyiqa:musiq)"
+            continue
+        try:
+            m = get_metric(n)
+        except MetricError:
+            return f"{key} names unknown metric {n!r}; valid: {', '.join(list_metrics())} or pyiqa:NAME"
+        side = getattr(m, "side", m.kind)  # gap:NAME needs the HR but belongs to the NR side
+        if kind is not None and side != kind:
+            other = "no-reference" if side == "NR" else "full-reference"
+            return f"{key} lists {n!r}, a {other} metric; it belongs in the {side} list"
+    return None
 
 
 def _check_type(key: str, tp: Any, v: Any) -> None:
@@ -146,11 +183,16 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if "=" not in ov:
             raise ConfigError(f"override {ov!r} is not key=value (e.g. beta=5000 or model.steps=10)")
         key, raw = ov.split("=", 1)
-        val = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            val = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {ov!r}: value is not valid YAML ({_yaml_problem(e)})") from None
         node = data
         parts = key.strip().split(".")
-        for p in parts[:-1]:
+        for i, p in enumerate(parts[:-1]):
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {ov!r}: {'.'.join(parts[:i + 1])} is not a section (it holds {node!r})")
         node[parts[-1]] = val
     return data
 
@@ -159,15 +201,40 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     """Defaults of ``cls`` (or ``base``) <- YAML file ``path`` <- ``overrides``."""
     data: dict[str, Any] = to_dict(base) if base is not None else {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} not found")
-        loaded = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {p} must hold a mapping of keys to values")
+        loaded = read_yaml_mapping(path)
         _deep_update(data, loaded)
     apply_overrides(data, list(overrides or []))
     return from_dict(cls, data)
+
+
+def _yaml_problem(e: Exception) -> str:
+    mark = getattr(e, "problem_mark", None)
+    what = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f"{what} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else what
+
+
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping (an empty file is ``{}``); ``ConfigError`` naming
+    the file and the problem (missing, a folder, not UTF-8, invalid YAML, not a mapping)."""
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config file {p} is a folder; pass a .yaml file")
+    if not p.is_file():
+        raise ConfigError(f"config file {p} not found")
+    try:
+        loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {p} is not UTF-8 text; save it as a UTF-8 .yaml file") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {_yaml_problem(e)}") from None
+    except OSError as e:
+        raise ConfigError(f"config file {p} cannot be read: {e.strerror}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of keys to values (key: value lines), "
+                          f"got a {type(loaded).__name__}")
+    return loaded
 
 
 def _deep_update(dst: dict, src: dict) -> None:

@@ -23,6 +23,8 @@ from PIL import Image
 from scipy import special
 from torch import Tensor
 
+from ..config import ranged
+
 KERNEL_TYPES = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso")
 RESIZE_MODES = ("area", "bilinear", "bicubic")
 
@@ -31,7 +33,7 @@ RESIZE_MODES = ("area", "bilinear", "bicubic")
 class RealESRGANConfig:
     """Real-ESRGAN degradation parameters (BasicSR names and defaults)."""
 
-    scale: int = 4
+    scale: int = ranged(4, ge=1)
     # first degradation
     blur_kernel_size: int = 21
     kernel_range: tuple[int, int] = (7, 21)  # odd sizes, padded to blur_kernel_size
@@ -66,6 +68,25 @@ class RealESRGANConfig:
     jpeg_range2: tuple[float, float] = (30.0, 95.0)
     # final
     final_sinc_prob: float = 0.8
+
+    def cross_check(self) -> str | None:
+        for k, v in vars(self).items():
+            if isinstance(v, (int, float)) and (k.endswith("_prob") or k.endswith("_prob2")):
+                if not 0.0 <= v <= 1.0:
+                    return f"{k} must be a probability in [0, 1], got {v}"
+            elif isinstance(v, tuple) and len(v) == 2 and k not in ("kernel_list", "kernel_list2") and v[0] > v[1]:
+                return f"{k} {list(v)} is not a (low, high) range"
+        for k in ("kernel_prob", "kernel_prob2", "resize_prob", "resize_prob2"):
+            v = getattr(self, k)
+            if any(x < 0 for x in v) or sum(v) <= 0:
+                return f"{k} {list(v)} must be non-negative weights with a positive sum"
+        for k in ("kernel_list", "kernel_list2"):
+            bad = [x for x in getattr(self, k) if x not in KERNEL_TYPES]
+            if bad:
+                return f"{k} names unknown kernel(s) {bad}; valid: {', '.join(KERNEL_TYPES)}"
+        if len(self.kernel_prob) != len(self.kernel_list) or len(self.kernel_prob2) != len(self.kernel_list2):
+            return "kernel_prob / kernel_prob2 need one weight per entry of kernel_list / kernel_list2"
+        return None
 
 
 # ----------------------------------------------------------------------------- random helpers
@@ -302,7 +323,14 @@ class RealESRGANDegradation:
 class SimpleDegradationConfig:
     blur_sigma: tuple[float, float] = (0.2, 1.2)  # Gaussian blur σ (HR pixels), uniform
     noise_sigma: tuple[float, float] = (0.0, 5.0)  # Gaussian noise σ on the 0–255 scale, uniform
-    kernel_size: int = 9
+    kernel_size: int = ranged(9, ge=1)
+
+    def cross_check(self) -> str | None:
+        for k in ("blur_sigma", "noise_sigma"):
+            v = getattr(self, k)
+            if len(v) != 2 or v[0] > v[1] or v[0] < 0 or (k == "blur_sigma" and v[0] <= 0):
+                return f"{k} {list(v)} must be a (low, high) range of {'positive' if k == 'blur_sigma' else 'non-negative'} values"
+        return None
 
 
 def gaussian_kernels(sigmas: Tensor, size: int) -> Tensor:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +16,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
+
+from .atomic import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -83,18 +84,11 @@ def to_uint8(img: Tensor) -> np.ndarray:
 
 
 def save_image(img: Tensor, path: str | os.PathLike) -> None:
-    """Write [3,H,W] in [0,1] atomically (temp file + rename): never leaves a partial file."""
+    """Write [3,H,W] in [0,1] atomically (temp file + rename): never leaves a partial file; the
+    file mode is the usual one (0666 minus the umask)."""
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=p.suffix or ".png", dir=p.parent)
-    os.close(fd)
-    try:
-        Image.fromarray(to_uint8(img)).save(tmp, format=_format_for(p))
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    arr = to_uint8(img)
+    atomic_write(p, lambda tmp: Image.fromarray(arr).save(tmp, format=_format_for(p)), suffix=p.suffix or ".png")
 
 
 def _format_for(p: Path) -> str:

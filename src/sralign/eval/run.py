@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from ..config import check_metric_names, ranged, validate
 from ..policies import load_policy
 from ..rewards.hybrid import DEFAULT_FR, DEFAULT_NR, HybridReward
 from ..train.candidates import LRSetConfig, make_lr_set
@@ -26,16 +27,22 @@ class EvalConfig:
     that no method trained on (PSNR and SSIM: fidelity; raw BRISQUE / NIQE-s shown beside the
     HR's own values), and the ``hacking`` thresholds that flag a policy."""
 
-    m: int = 16
-    steps: int = 10
-    seed: int = 1000
+    m: int = ranged(16, ge=1)
+    steps: int = ranged(10, ge=1, le=1000)
+    seed: int = ranged(1000, ge=0)
     fr_metrics: list[str] = field(default_factory=lambda: list(DEFAULT_FR))
     nr_metrics: list[str] = field(default_factory=lambda: list(DEFAULT_NR))
     heldout_metrics: list[str] = field(default_factory=lambda: ["psnr", "ssim", "brisque", "niqe_s"])
     hacking: HackingThresholds = field(default_factory=HackingThresholds)
     lr_set: LRSetConfig = field(default_factory=lambda: LRSetConfig(split="heldout", n=8, patch=64, seed=123))
-    grid_images: int = 3
-    grid_seeds: int = 3
+    grid_images: int = ranged(3, ge=1)
+    grid_seeds: int = ranged(3, ge=1)
+
+    def cross_check(self) -> str | None:
+        if not self.fr_metrics and not self.nr_metrics:
+            return "fr_metrics and nr_metrics are both empty; the reward needs at least one metric"
+        return (check_metric_names("fr_metrics", self.fr_metrics, "FR") or check_metric_names("nr_metrics", self.nr_metrics, "NR")
+                or check_metric_names("heldout_metrics", self.heldout_metrics))
 
 
 def run_sampler(run_dir: str | Path) -> str:
@@ -72,6 +79,7 @@ def run_eval(
     ranked with one pooled reward. Writes eval.json, bestof.png, grid_<policy>.png, training.png,
     report.html and report.md into ``out``.
     """
+    validate(cfg)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()

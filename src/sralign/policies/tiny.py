@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from ..config import ranged
 from .base import SAMPLERS, Cond, Samples
 from .flow import flow_sde_step
 from .unet import CondEncoder, TinyUNet, UNetConfig
@@ -42,12 +43,12 @@ class PolicyLoadError(RuntimeError):
 
 @dataclass
 class TinyPolicyConfig:
-    scale: int = 4
-    residual_scale: float = 8.0
-    t_noise: float = 0.25  # one-step mode: noise level of the input (250 / 1000)
-    t_diff: float = 0.10  # one-step mode: timestep given to the network (100 / 1000)
-    sde_noise_level: float = 0.7  # Flow-GRPO's η
-    ode_start: float = 1.0  # ode/sde start at this noise level from start·ε (1 = pure noise)
+    scale: int = ranged(4, ge=1)
+    residual_scale: float = ranged(8.0, gt=0)
+    t_noise: float = ranged(0.25, gt=0, le=1)  # one-step mode: noise level of the input (250 / 1000)
+    t_diff: float = ranged(0.10, gt=0, le=1)  # one-step mode: timestep given to the network (100 / 1000)
+    sde_noise_level: float = ranged(0.7, gt=0)  # Flow-GRPO's η
+    ode_start: float = ranged(1.0, gt=0, le=1)  # ode/sde start at this noise level from start·ε (1 = pure noise)
     unet: UNetConfig = field(default_factory=UNetConfig)
 
     @classmethod

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from ..data.degradation import RealESRGANConfig, RealESRGANDegradation, SimpleDegradationConfig, simple_degradation
 from ..data.images import ImageError, ImageFolder, load_bundled, random_crops_with_source
+from ..config import ranged, validate
 from ..data.store import CandidateStore
 from ..losses import dp2o_pairs, hpo_weights
 from ..policies.base import condition_captioned
@@ -30,13 +31,22 @@ class LRSetConfig:
     your own HR images in ``hr_dir`` (a folder; ``IMG.txt`` beside ``IMG.png`` is its caption,
     used by text-conditioned policies). ``split`` labels the set in a candidate store."""
 
-    split: str = "train"
-    n: int = 24
-    patch: int = 64  # HR size
-    scale: int = 4
-    seed: int = 0
-    degradation: str = "simple"  # simple | realesrgan
+    split: str = ranged("train", nonempty=True)
+    n: int = ranged(24, ge=1)
+    patch: int = ranged(64, ge=8)  # HR size
+    scale: int = ranged(4, ge=1)
+    seed: int = ranged(0, ge=0)
+    degradation: str = ranged("simple", choices=("simple", "realesrgan"))
     hr_dir: str = ""
+
+    def cross_check(self) -> str | None:
+        if self.patch % self.scale:
+            return f"patch ({self.patch}) must be a multiple of scale ({self.scale})"
+        if not self.hr_dir and self.split not in ("train", "heldout"):
+            return f"split {self.split!r} names no bundled set (train | heldout); set hr_dir to use your own HR images"
+        if self.hr_dir and not Path(self.hr_dir).expanduser().is_dir():
+            return f"hr_dir {self.hr_dir!r} is not a folder"
+        return None
 
 
 class LRItem(NamedTuple):
@@ -90,11 +100,11 @@ def candidate_noise(shape: tuple[int, ...], base: int, lr_id: str, seeds: list[i
 
 @dataclass
 class GenerateConfig:
-    m: int = 16
-    sampler: str = "ode"
-    steps: int = 10
-    chunk: int = 8  # samples per policy call (seeds 0..M-1 are cut into fixed chunks)
-    seed: int = 0
+    m: int = ranged(16, ge=2)  # a group needs two candidates to rank
+    sampler: str = ranged("ode", choices=("ode", "sde", "onestep"))
+    steps: int = ranged(10, ge=1, le=1000)
+    chunk: int = ranged(8, ge=1)  # samples per policy call (seeds 0..M-1 are cut into fixed chunks)
+    seed: int = ranged(0, ge=0)
     lr_set: LRSetConfig = field(default_factory=LRSetConfig)
 
 
@@ -102,6 +112,7 @@ class GenerateConfig:
 def generate(store: CandidateStore, policy: TinyPolicy, cfg: GenerateConfig, progress: bool = True) -> int:
     """Fill ``store`` with M candidates per LR from ``policy`` (the reference). Resumable and
     idempotent; under torchrun each rank takes LR ids rank, rank+K, …. Returns #new images."""
+    validate(cfg)
     init_if_needed()
     rank, world = rank_world()
     if rank == 0:

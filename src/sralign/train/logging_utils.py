@@ -9,6 +9,15 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
+def _step_of(line: str) -> int | None:
+    """The step of a metrics.jsonl line; None for a blank or damaged one (a kill mid-write)."""
+    try:
+        rec = json.loads(line)
+        return int(rec["step"]) if isinstance(rec, dict) else None
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 class MetricLogger:
     """Appends ``{"step": s, **metrics}`` lines to ``metrics.jsonl`` in ``folder``.
 
@@ -20,7 +29,7 @@ class MetricLogger:
         self.path = Path(folder) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
-            keep = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l)["step"] < resume_step]
+            keep = [l for l in self.path.read_text(errors="replace").splitlines() if _step_of(l) is not None and _step_of(l) < resume_step]
             self.path.write_text("".join(l + "\n" for l in keep))
         elif resume_step is None and self.path.exists():
             self.path.unlink()

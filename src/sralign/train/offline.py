@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..config import save_config
+from ..config import save_config, validate
 from ..data.store import CandidateStore
 from ..losses import dpo_loss
 from ..policies.base import condition_captioned, dsm_noise_shape
@@ -24,7 +24,7 @@ from ..policies.tiny import TinyPolicy
 from ..rewards.hybrid import HybridReward
 from .candidates import Pair, build_pairs
 from .accel import Accel
-from .checkpoint import has_checkpoint, load_training_state, save_rank_generators, save_training_state
+from .checkpoint import check_resume, has_checkpoint, load_training_state, save_rank_generators, save_training_state
 from .ema import trainable_named_parameters
 from .logging_utils import MetricLogger
 from .offline_config import DP2OConfig
@@ -40,6 +40,7 @@ class OfflineTrainer:
     """DP²O-SR / Diffusion-DPO trainer (reads ``DP2OConfig``)."""
 
     def __init__(self, policy: TinyPolicy, store: CandidateStore, cfg: DP2OConfig, out: str | Path):
+        validate(cfg)
         self.policy, self.store, self.cfg, self.out = policy, store, cfg, Path(out)
         self.reward = HybridReward.from_names(cfg.fr_metrics, cfg.nr_metrics)
         self.pairs: list[Pair] = build_pairs(store, self.reward, cfg.n, cfg.method)
@@ -89,6 +90,8 @@ class OfflineTrainer:
 
     def train(self, resume: bool = False, progress: bool = True) -> TinyPolicy:
         cfg, out = self.cfg, self.out
+        if resume:
+            check_resume(out, cfg)
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
         ck = out / "checkpoint"

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from ..config import check_metric_names, ranged
 from ..rewards.hybrid import DEFAULT_FR, DEFAULT_NR
 
 
@@ -30,21 +31,29 @@ class DP2OConfig:
     seed, checkpoint_every, log_every.
     """
 
-    method: str = "dp2o"
-    n: int = 4
-    fr_metrics: list[str] = field(default_factory=lambda: list(DEFAULT_FR))
-    nr_metrics: list[str] = field(default_factory=lambda: list(DEFAULT_NR))
-    beta: float = 5000.0
-    lr: float = 1e-4
-    steps: int = 150
-    batch_pairs: int = 16
-    grad_accum: int = 1
-    warmup: int = 10
-    grad_clip: float = 1.0
-    weight_decay: float = 0.0
-    t_min: float = 0.0
-    t_max: float = 1.0
-    mixed_precision: str = "no"
-    seed: int = 0
-    checkpoint_every: int = 50
-    log_every: int = 1
+    method: str = ranged("dp2o", choices=("dp2o", "dpo"))
+    n: int = ranged(4, ge=1)
+    fr_metrics: list[str] = ranged(default_factory=lambda: list(DEFAULT_FR))
+    nr_metrics: list[str] = ranged(default_factory=lambda: list(DEFAULT_NR))
+    beta: float = ranged(5000.0, gt=0)
+    lr: float = ranged(1e-4, gt=0)
+    steps: int = ranged(150, ge=1)
+    batch_pairs: int = ranged(16, ge=1)
+    grad_accum: int = ranged(1, ge=1)
+    warmup: int = ranged(10, ge=0)
+    grad_clip: float = ranged(1.0, gt=0)
+    weight_decay: float = ranged(0.0, ge=0)
+    t_min: float = ranged(0.0, ge=0, lt=1)
+    t_max: float = ranged(1.0, gt=0, le=1)
+    mixed_precision: str = ranged("no", choices=("no", "bf16", "fp16"))
+    seed: int = ranged(0, ge=0)
+    checkpoint_every: int = ranged(50, ge=1)
+    log_every: int = ranged(1, ge=1)
+
+    def cross_check(self) -> str | None:
+        if self.t_min > self.t_max:
+            return f"t_min ({self.t_min}) must not exceed t_max ({self.t_max})"
+        if not self.fr_metrics and not self.nr_metrics:
+            return "fr_metrics and nr_metrics are both empty; the reward needs at least one metric (e.g. fr_metrics=[psnr])"
+        return (check_metric_names("fr_metrics", self.fr_metrics, "FR")
+                or check_metric_names("nr_metrics", self.nr_metrics, "NR"))

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..config import save_config
+from ..config import save_config, validate
 from ..losses import dgpo_loss, gdpo_loss, group_advantages, group_shared_noise, group_shared_timesteps, grpo_loss
 from ..policies.base import condition_captioned, dsm_noise_shape
 from ..policies.tiny import TinyPolicy
@@ -26,7 +26,7 @@ from ..rewards.base import MetricError
 from ..rewards.hybrid import HybridReward
 from .candidates import make_lr_set
 from .accel import Accel
-from .checkpoint import has_checkpoint, load_training_state, save_rank_generators, save_training_state
+from .checkpoint import check_resume, has_checkpoint, load_training_state, save_rank_generators, save_training_state
 from .ema import ParamEMA, trainable_named_parameters
 from .logging_utils import MetricLogger
 from .offline import warmup_lr
@@ -51,6 +51,7 @@ class OnlineTrainer:
     """GDPO-SR, DGPO and Flow-GRPO on any ``TinyPolicy``-like policy (reads an ``OnlineConfig``)."""
 
     def __init__(self, policy: TinyPolicy, cfg: OnlineConfig, out: str | Path, reward=None):
+        validate(cfg)
         if cfg.method not in ("gdpo", "dgpo", "grpo"):
             raise ValueError(f"unknown online method {cfg.method!r}")
         self.policy, self.cfg, self.out = policy, cfg, Path(out)
@@ -170,6 +171,8 @@ class OnlineTrainer:
         after every step, outside the timed region (benchmarks evaluate there); returning
         True stops the run after a checkpoint."""
         c, out = self.cfg, self.out
+        if resume:
+            check_resume(out, c)
         out.mkdir(parents=True, exist_ok=True)
         save_config(c, out / "config.yaml")
         ck = out / "checkpoint"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..config import check_metric_names, ranged
 from ..rewards.hybrid import DEFAULT_FR, DEFAULT_NR
 from .candidates import LRSetConfig
 
@@ -22,28 +23,43 @@ class OnlineConfig:
       0.3 and 0.001).
     """
 
-    method: str = "dgpo"
-    steps_total: int = 60
-    batch_lr: int = 2
-    group: int = 8
-    lr: float = 1e-4
-    beta: float = 5000.0
-    grad_clip: float = 1.0
-    warmup: int = 5
-    weight_decay: float = 0.0
-    reward: str = "hybrid"
+    def cross_check(self) -> str | None:
+        own = type(self).__dataclass_fields__["method"].default
+        if type(self) is not OnlineConfig and self.method != own:
+            return f"method {self.method!r} does not fit {type(self).__name__} (method {own!r}); pass --method {self.method} instead"
+        if self.t_min > self.t_max:
+            return f"t_min ({self.t_min}) must not exceed t_max ({self.t_max})"
+        if self.reward == "attribute":
+            if not self.nr_metrics:
+                return "nr_metrics is empty; the attribute reward's texture side needs at least one NR metric"
+            return check_metric_names("nr_metrics", self.nr_metrics, "NR")
+        if not self.fr_metrics and not self.nr_metrics:
+            return "fr_metrics and nr_metrics are both empty; the reward needs at least one metric (e.g. fr_metrics=[psnr])"
+        return (check_metric_names("fr_metrics", self.fr_metrics, "FR")
+                or check_metric_names("nr_metrics", self.nr_metrics, "NR"))
+
+    method: str = ranged("dgpo", choices=("gdpo", "dgpo", "grpo"))
+    steps_total: int = ranged(60, ge=1)
+    batch_lr: int = ranged(2, ge=1)
+    group: int = ranged(8, ge=2)
+    lr: float = ranged(1e-4, gt=0)
+    beta: float = ranged(5000.0, gt=0)
+    grad_clip: float = ranged(1.0, gt=0)
+    warmup: int = ranged(5, ge=0)
+    weight_decay: float = ranged(0.0, ge=0)
+    reward: str = ranged("hybrid", choices=("hybrid", "attribute"))
     fr_metrics: list[str] = field(default_factory=lambda: list(DEFAULT_FR))
     nr_metrics: list[str] = field(default_factory=lambda: list(DEFAULT_NR))
-    rollout_from: str = "ema"
-    sampler: str = "ode"
-    steps: int = 4
-    t_min: float = 0.0
-    t_max: float = 1.0
-    ema_max: float = 0.3
-    ema_ramp: float = 0.001
-    adv_eps: float = 1e-8
-    seed: int = 0
-    checkpoint_every: int = 20
+    rollout_from: str = ranged("ema", choices=("reference", "ema", "policy"))
+    sampler: str = ranged("ode", choices=("ode", "sde", "onestep"))
+    steps: int = ranged(4, ge=1, le=1000)
+    t_min: float = ranged(0.0, ge=0, lt=1)
+    t_max: float = ranged(1.0, gt=0, le=1)
+    ema_max: float = ranged(0.3, ge=0, le=1)
+    ema_ramp: float = ranged(0.001, ge=0)
+    adv_eps: float = ranged(1e-8, gt=0)
+    seed: int = ranged(0, ge=0)
+    checkpoint_every: int = ranged(20, ge=1)
     lr_set: LRSetConfig = field(default_factory=lambda: LRSetConfig(n=32))
 
 
@@ -93,10 +109,10 @@ class GRPOConfig(OnlineConfig):
     sampler: str = "sde"
     steps: int = 4
     lr: float = 1e-4
-    clip_range: float = 1e-4
-    adv_clip: float = 5.0
-    kl_beta: float = 0.04
-    noise_level: float = 0.7
+    clip_range: float = ranged(1e-4, gt=0)
+    adv_clip: float = ranged(5.0, gt=0)
+    kl_beta: float = ranged(0.04, ge=0)
+    noise_level: float = ranged(0.7, gt=0)
 
 
 METHOD_CONFIGS = {"gdpo": GDPOConfig, "dgpo": DGPOConfig, "grpo": GRPOConfig}

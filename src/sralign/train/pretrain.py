@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..config import save_config
+from ..config import ranged, save_config, validate
 from ..data.degradation import SimpleDegradationConfig, simple_degradation
 from ..data.images import center_crop, load_bundled, random_crops
 from ..policies.tiny import TinyPolicy, TinyPolicyConfig
 from ..rewards.functional import psnr_y
-from .checkpoint import has_checkpoint, load_training_state, save_training_state
+from .checkpoint import check_resume, has_checkpoint, load_training_state, save_training_state
 from .logging_utils import MetricLogger
 
 log = logging.getLogger(__name__)
@@ -32,22 +32,29 @@ log = logging.getLogger(__name__)
 class PretrainConfig:
     """Settings of ``sralign pretrain`` (CPU-scale defaults)."""
 
-    steps: int = 3000
-    batch_size: int = 16
-    patch: int = 64  # HR patch size
-    lr: float = 1e-3
-    lr_min: float = 1e-4  # cosine decay target
-    warmup: int = 100
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999
-    onestep_fraction: float = 0.25  # share of each batch trained on the one-step objective
-    onestep_weight: float = 2.0  # weight of the one-step x̂0 regression loss
-    seed: int = 0
-    checkpoint_every: int = 250
-    eval_every: int = 250
+    steps: int = ranged(3000, ge=1)
+    batch_size: int = ranged(16, ge=1)
+    patch: int = ranged(64, ge=8)  # HR patch size
+    lr: float = ranged(1e-3, gt=0)
+    lr_min: float = ranged(1e-4, ge=0)  # cosine decay target
+    warmup: int = ranged(100, ge=0)
+    weight_decay: float = ranged(0.0, ge=0)
+    grad_clip: float = ranged(1.0, gt=0)
+    ema_decay: float = ranged(0.999, ge=0, lt=1)
+    onestep_fraction: float = ranged(0.25, ge=0, le=1)  # share of each batch trained on the one-step objective
+    onestep_weight: float = ranged(2.0, ge=0)  # weight of the one-step x̂0 regression loss
+    seed: int = ranged(0, ge=0)
+    checkpoint_every: int = ranged(250, ge=1)
+    eval_every: int = ranged(250, ge=1)
     policy: TinyPolicyConfig = field(default_factory=TinyPolicyConfig)
     degradation: SimpleDegradationConfig = field(default_factory=SimpleDegradationConfig)
+
+    def cross_check(self) -> str | None:
+        if self.patch % self.policy.scale:
+            return f"patch ({self.patch}) must be a multiple of policy.scale ({self.policy.scale})"
+        if self.lr_min > self.lr:
+            return f"lr_min ({self.lr_min}) must not exceed lr ({self.lr})"
+        return None
 
 
 def lr_at(step: int, cfg: PretrainConfig) -> float:
@@ -100,7 +107,10 @@ def evaluate_psnr(policy: TinyPolicy, hr: torch.Tensor, lr_img: torch.Tensor, st
 
 def pretrain(cfg: PretrainConfig, out: str | Path, resume: bool = False, progress: bool = True) -> TinyPolicy:
     """Train the tiny policy; writes ``out/model`` (the EMA checkpoint) and ``out/checkpoint``."""
+    validate(cfg)
     out = Path(out)
+    if resume:
+        check_resume(out, cfg)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     torch.manual_seed(cfg.seed)

@@ -3,8 +3,9 @@ the upsampled LR; multi-step DDIM ``ode`` sampling and stochastic DDIM (η > 0) 
 with per-step Gaussian log-probs (for GRPO), classifier-free guidance, peft LoRA on the UNet
 (optionally on the ControlNet). ``reference()`` disables the adapters.
 
-Folder layout (local, ``local_files_only``): ``vae/``, ``unet/``, optional ``controlnet/`` (else
-initialised from the UNet, as DP²O-SR does), optional ``scheduler/``, optional
+Folder layout (local, ``local_files_only``): ``vae/``, ``unet/``, ``controlnet/`` (a published bare
+state dict becomes one with ``sralign convert sd-controlnet``; ``fresh_controlnet`` initialises
+one from the UNet instead, for training from scratch), optional ``scheduler/``, optional
 ``text_encoder/`` + ``tokenizer/``.
 """
 
@@ -18,8 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ...config import ranged
 from ..base import Cond, Samples
-from .loading import PromptEncoder, check_model_folder, load_component, load_ddpm_scheduler, prompt_encoder_or_none, rows_of
+from ..tiny import PolicyLoadError
+from .loading import (DTYPES, PromptEncoder, check_model_folder, check_precision, check_text_source, load_component, load_ddpm_scheduler,
+                      prompt_encoder_or_none, rows_of, torch_dtype)
 from .lora import LoraPolicyMixin
 
 
@@ -34,6 +38,10 @@ class ControlNetSDConfig:
     lora_on_controlnet: bool = False
     prompt: str = ""
     negative_prompt: str = ""
+    fresh_controlnet: bool = False  # no controlnet/ in the folder: start one from the UNet (training from scratch)
+    dtype: str = ranged("fp32", choices=tuple(DTYPES))  # frozen UNet/ControlNet/text weights; LoRA stays fp32
+    vae_dtype: str = ranged("fp32", choices=tuple(DTYPES))
+    gradient_checkpointing: bool = True
 
 
 class _CNModules(nn.Module):
@@ -66,15 +74,20 @@ class ControlNetSD(LoraPolicyMixin):
         saved = cls._from_saved(folder, ControlNetSDConfig, device)
         if saved is not None:
             return saved
-        check_model_folder(folder, ("vae", "unet"))
-        vae = load_component(AutoencoderKL, folder, "vae")
-        unet = load_component(UNet2DConditionModel, folder, "unet")
-        if (folder / "controlnet" / "config.json").is_file():
-            cn = load_component(ControlNetModel, folder, "controlnet")
-        else:
-            cn = ControlNetModel.from_unet(unet)  # DP²O-SR initialises the ControlNet from the UNet
         cfg = config or ControlNetSDConfig()
-        enc = prompt_encoder_or_none(folder, "clip")
+        check_precision(cfg)
+        check_model_folder(folder, ("vae", "unet"))
+        has_cn = (folder / "controlnet" / "config.json").is_file()
+        if not has_cn and not cfg.fresh_controlnet:
+            raise PolicyLoadError(f"{folder} has no controlnet/ (config.json + diffusion_pytorch_model.safetensors): convert the published "
+                                  f"ControlNet with `sralign convert sd-controlnet model.safetensors --base {folder} --out DIR`, "
+                                  "or set fresh_controlnet=true to train a new one from the UNet")
+        wd = torch_dtype(cfg.dtype)
+        vae = load_component(AutoencoderKL, folder, "vae", torch_dtype(cfg.vae_dtype))
+        unet = load_component(UNet2DConditionModel, folder, "unet", wd)
+        cn = load_component(ControlNetModel, folder, "controlnet", wd) if has_cn else ControlNetModel.from_unet(unet)
+        enc = prompt_encoder_or_none(folder, "clip", dtype=wd)
+        check_text_source(folder, enc, {"prompt": cfg.prompt, "negative_prompt": cfg.negative_prompt})
         emb = enc([cfg.prompt, cfg.negative_prompt])["prompt_embeds"] if enc is not None else None
         return cls(vae, unet, cn, load_ddpm_scheduler(folder), cfg, None if emb is None else emb[:1], None if emb is None else emb[1:],
                    base_path=str(folder.resolve()), device=device, prompt_encoder=enc)
@@ -98,8 +111,7 @@ class ControlNetSD(LoraPolicyMixin):
         return 2 ** (len(self.model.vae.config.block_out_channels) - 1)
 
     def _encode(self, img01: Tensor) -> Tensor:
-        with torch.no_grad():
-            return self.model.vae.encode(img01 * 2 - 1).latent_dist.mode() * self.vae_scale
+        return self._vae_encode(img01) * self.vae_scale
 
     def condition(self, lr: Tensor, prompts: list[str] | None = None) -> Cond:
         """Encode LR [B,3,h,w]; ``prompts`` (one per image) replace the config's prompt for these
@@ -136,9 +148,10 @@ class ControlNetSD(LoraPolicyMixin):
             emb = torch.cat([neg, text])
         else:
             z2, t2, c2, emb = z, t_int, control, text
+        z2, emb, c2 = self._w(z2), self._w(emb), self._w(c2)
         down, mid = self.model.controlnet(z2, t2, encoder_hidden_states=emb, controlnet_cond=c2, return_dict=False)
         eps = self.model.unet(z2, t2, encoder_hidden_states=emb, down_block_additional_residuals=down,
-                              mid_block_additional_residual=mid).sample
+                              mid_block_additional_residual=mid).sample.float()
         if g != 1.0:
             u, c = eps.chunk(2)
             eps = u + g * (c - u)
@@ -192,8 +205,7 @@ class ControlNetSD(LoraPolicyMixin):
                 logps.append(lp)
             if traj is not None:
                 traj.append(x)
-        img = self.model.vae.decode(x / self.vae_scale).sample
-        return Samples(images=((img + 1) / 2).clamp(0, 1), trajectory=torch.stack(traj, 1) if traj is not None else None,
+        return Samples(images=self._vae_decode(x / self.vae_scale), trajectory=torch.stack(traj, 1) if traj is not None else None,
                        log_probs=torch.stack(logps, 1) if logps else None, sigmas=ts if traj is not None else None)
 
     def dsm(self, x0: Tensor, cond: Cond, t: Tensor, noise: Tensor, t_model: Tensor | None = None) -> Tensor:

@@ -21,9 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ...config import ranged
 from ..base import Cond, Samples
 from ..flow import flow_sde_step
-from .loading import PromptEncoder, check_model_folder, load_component, prompt_encoder_or_none, rows_of
+from .loading import DTYPES, PromptEncoder, check_model_folder, check_precision, check_text_source, load_component, prompt_encoder_or_none, rows_of, torch_dtype
 from .lora import LoraPolicyMixin
 
 
@@ -39,6 +40,9 @@ class FluxControlNetConfig:
     lora_on_controlnet: bool = False
     prompt: str = ""
     max_sequence_length: int = 512  # T5 tokens (FLUX.1-dev 512, schnell 256)
+    dtype: str = ranged("fp32", choices=tuple(DTYPES))  # frozen transformer/ControlNet/text weights; LoRA stays fp32
+    vae_dtype: str = ranged("fp32", choices=tuple(DTYPES))
+    gradient_checkpointing: bool = True
 
 
 class _FluxModules(nn.Module):
@@ -91,14 +95,17 @@ class FluxControlNet(LoraPolicyMixin):
         saved = cls._from_saved(folder, FluxControlNetConfig, device)
         if saved is not None:
             return saved
-        check_model_folder(folder, ("vae", "transformer", "controlnet"))
-        vae = load_component(AutoencoderKL, folder, "vae")
-        tr = load_component(FluxTransformer2DModel, folder, "transformer")
-        cn = load_component(FluxControlNetModel, folder, "controlnet")
-        pe = pooled = None
         config = config or FluxControlNetConfig()
-        enc = prompt_encoder_or_none(folder, "flux", max_sequence_length=config.max_sequence_length)
+        check_precision(config)
+        check_model_folder(folder, ("vae", "transformer", "controlnet"))
+        wd = torch_dtype(config.dtype)
+        vae = load_component(AutoencoderKL, folder, "vae", torch_dtype(config.vae_dtype))
+        tr = load_component(FluxTransformer2DModel, folder, "transformer", wd)
+        cn = load_component(FluxControlNetModel, folder, "controlnet", wd)
+        pe = pooled = None
+        enc = prompt_encoder_or_none(folder, "flux", max_sequence_length=config.max_sequence_length, dtype=wd)
         emb = folder / "prompt_embeds.safetensors"
+        check_text_source(folder, enc, {"prompt": config.prompt}, fallback=str(emb) if emb.is_file() else "")
         if enc is not None:
             d = enc([config.prompt])
             pe, pooled = d["prompt_embeds"], d["pooled_prompt_embeds"]
@@ -127,13 +134,10 @@ class FluxControlNet(LoraPolicyMixin):
         return 2 ** (len(self.model.vae.config.block_out_channels) - 1)
 
     def _encode(self, img01: Tensor) -> Tensor:
-        with torch.no_grad():
-            z = self.model.vae.encode(img01 * 2 - 1).latent_dist.mode()
-        return (z - self.vae_shift) * self.vae_scale
+        return (self._vae_encode(img01) - self.vae_shift) * self.vae_scale
 
     def _decode(self, x: Tensor, h: int, w: int) -> Tensor:
-        z = unpack(x, h, w) / self.vae_scale + self.vae_shift
-        return ((self.model.vae.decode(z).sample + 1) / 2).clamp(0, 1)
+        return self._vae_decode(unpack(x, h, w) / self.vae_scale + self.vae_shift)
 
     def _latent_hw(self, img: Tensor) -> tuple[int, int]:
         f = self._factor()
@@ -169,13 +173,14 @@ class FluxControlNet(LoraPolicyMixin):
         text = rows_of(cond.features, "prompt_embeds", self.prompt_embeds, n)
         pooled = rows_of(cond.features, "pooled_prompt_embeds", self.pooled, n)
         ids, txt_ids = image_ids(h, w, self.device), torch.zeros(text.shape[1], 3, device=self.device)
-        kw = dict(encoder_hidden_states=text, pooled_projections=pooled,
-                  timestep=t, img_ids=ids, txt_ids=txt_ids)
+        kw = dict(encoder_hidden_states=self._w(text), pooled_projections=self._w(pooled),
+                  timestep=self._w(t), img_ids=ids, txt_ids=txt_ids)
         if self.model.unet.config.guidance_embeds:
-            kw["guidance"] = torch.full((n,), self.config.guidance_scale, device=self.device)
-        blocks, single = self.model.controlnet(x, controlnet_cond=cond.features["control"],
+            kw["guidance"] = torch.full((n,), self.config.guidance_scale, device=self.device, dtype=self.weight_dtype)
+        x = self._w(x)
+        blocks, single = self.model.controlnet(x, controlnet_cond=self._w(cond.features["control"]),
                                                conditioning_scale=self.config.controlnet_scale, return_dict=False, **kw)
-        return self.model.unet(x, controlnet_block_samples=blocks, controlnet_single_block_samples=single, return_dict=False, **kw)[0]
+        return self.model.unet(x, controlnet_block_samples=blocks, controlnet_single_block_samples=single, return_dict=False, **kw)[0].float()
 
     def sde_step(self, cond: Cond, x: Tensor, sigmas: Tensor, i: int, *, prev_sample: Tensor | None = None,
                  generator: torch.Generator | None = None, noise_level: float | None = None):

@@ -3,13 +3,57 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from ..tiny import PolicyLoadError
 
+log = logging.getLogger(__name__)
+
 CONFIG_NAME = "sralign_policy.json"
+
+#: weight precisions of the backends' ``dtype`` / ``vae_dtype`` settings
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def torch_dtype(name: str, key: str = "dtype") -> torch.dtype:
+    """``"fp32" | "bf16" | "fp16"`` -> the torch dtype (a one-line error names the valid values)."""
+    if name not in DTYPES:
+        from ...config import ConfigError
+
+        raise ConfigError(f"{key} must be one of {' | '.join(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def check_precision(config) -> None:
+    """Validate a backend config's ``dtype`` / ``vae_dtype`` strings (before any weight loads)."""
+    for key in ("dtype", "vae_dtype"):
+        torch_dtype(getattr(config, key), key)
+
+
+def set_precision(frozen: nn.Module, dtype: torch.dtype) -> None:
+    """Store ``frozen``'s weights in ``dtype`` and its trainable parameters (LoRA) in fp32."""
+    if any(p.dtype != dtype for p in frozen.parameters() if not p.requires_grad):
+        frozen.to(dtype)  # (diffusers warns on every .to(dtype), so only when something changes)
+    for p in frozen.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+
+
+def enable_checkpointing(*modules: nn.Module | None) -> None:
+    """diffusers' gradient checkpointing on every given model that supports it (recomputes each
+    block's activations in the backward pass; active only while gradients are recorded)."""
+    for m in modules:
+        if m is not None and getattr(m, "_supports_gradient_checkpointing", False):
+            m.enable_gradient_checkpointing()
+
+
+def param_bytes(module: nn.Module, trainable: bool | None = None) -> int:
+    """Bytes held by ``module``'s parameters as stored (all; or only trainable / only frozen)."""
+    return sum(p.numel() * p.element_size() for p in module.parameters() if trainable is None or p.requires_grad == trainable)
 
 
 def saved_policy_meta(folder: Path) -> dict | None:
@@ -27,9 +71,11 @@ def check_model_folder(folder: Path, subfolders: tuple[str, ...]) -> None:
                                   f"{', '.join(s + '/' for s in subfolders)} (config.json + diffusion_pytorch_model.safetensors each)")
 
 
-def load_component(cls, folder: Path, sub: str):
+def load_component(cls, folder: Path, sub: str, dtype: torch.dtype | None = None):
+    """``cls`` from ``folder/sub`` (no download), its weights loaded straight into ``dtype``
+    (None: as diffusers defaults, fp32) so a bf16 model never exists in fp32 in memory."""
     try:
-        return cls.from_pretrained(folder, subfolder=sub, local_files_only=True)
+        return cls.from_pretrained(folder, subfolder=sub, local_files_only=True, **({} if dtype is None else {"torch_dtype": dtype}))
     except OSError as e:
         raise PolicyLoadError(f"could not load {sub}/ from {folder}: {str(e).splitlines()[0]}") from None
 
@@ -55,7 +101,8 @@ class PromptEncoder:
 
     SUBFOLDERS = {"clip": ("tokenizer", "text_encoder"), "flux": ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")}
 
-    def __init__(self, folder: str | Path, kind: str = "clip", max_sequence_length: int = 512, device: str | torch.device = "cpu"):
+    def __init__(self, folder: str | Path, kind: str = "clip", max_sequence_length: int = 512, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32):
         from transformers import AutoTokenizer, CLIPTextModel
 
         self.folder, self.kind, self.device = Path(folder), kind, torch.device(device)
@@ -63,14 +110,14 @@ class PromptEncoder:
         if missing:
             raise PolicyLoadError(f"{self.folder} has no {', '.join(m + '/' for m in missing)}: prompts need the model's "
                                   f"text encoder(s) ({', '.join(s + '/' for s in self.SUBFOLDERS[kind])})")
-        load = dict(local_files_only=True)
+        load = dict(local_files_only=True, dtype=dtype)  # frozen: stored in the backend's weight dtype
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(self.folder, subfolder="tokenizer", **load)
+            self.tokenizer = AutoTokenizer.from_pretrained(self.folder, subfolder="tokenizer", local_files_only=True)
             self.text_encoder = CLIPTextModel.from_pretrained(self.folder, subfolder="text_encoder", **load).eval().requires_grad_(False)
             if kind == "flux":
                 from transformers import T5EncoderModel
 
-                self.tokenizer_2 = AutoTokenizer.from_pretrained(self.folder, subfolder="tokenizer_2", **load)
+                self.tokenizer_2 = AutoTokenizer.from_pretrained(self.folder, subfolder="tokenizer_2", local_files_only=True)
                 self.text_encoder_2 = T5EncoderModel.from_pretrained(self.folder, subfolder="text_encoder_2", **load).eval().requires_grad_(False)
         except OSError as e:
             raise PolicyLoadError(f"could not load the text encoder from {self.folder}: {str(e).splitlines()[0]}") from None
@@ -105,6 +152,26 @@ def prompt_encoder_or_none(folder: Path, kind: str = "clip", **kw) -> PromptEnco
     if not all((folder / s).is_dir() for s in PromptEncoder.SUBFOLDERS[kind]):
         return None
     return PromptEncoder(folder, kind, **kw)
+
+
+ADD_TEXT_ENCODER = ("add the base model's tokenizer/ + text_encoder/ (for SD2.1-base one-step models: "
+                    "sralign convert gdpo-sr FOLDER --base SD21_BASE --out DIR)")
+
+
+def check_text_source(folder: Path, encoder: PromptEncoder | None, prompts: dict[str, str], fallback: str = "") -> None:
+    """A model folder without a text encoder gets zero text embeddings. That is refused while a
+    prompt is configured (``prompts``: config key -> text), and warned about otherwise: the
+    authors encode even the empty prompt, so zeros give other images than theirs.
+    ``fallback``: a precomputed source that replaces the encoder (nothing to check then)."""
+    if encoder is not None or fallback:
+        return
+    set_ = {k: v for k, v in prompts.items() if v}
+    if set_:
+        k, v = next(iter(set_.items()))
+        raise PolicyLoadError(f"{k}={v!r} is configured but {folder} has no tokenizer/ + text_encoder/ to encode it: "
+                              f"{ADD_TEXT_ENCODER}, or set {k}=''")
+    log.warning("%s has no tokenizer/ + text_encoder/: the model gets zero text embeddings, not the encoded empty prompt "
+                "the authors feed, so images differ from theirs; %s", folder, ADD_TEXT_ENCODER)
 
 
 def check_prompts(prompts: list[str] | None, batch: int, encoder: PromptEncoder | None, where: str) -> None:

@@ -59,15 +59,39 @@ class LoraPolicyMixin:
         """What every backend's constructor does: config, scale, device, base path; the VAE (and
         the ControlNet) frozen; LoRA on the trained network (and on the ControlNet when
         ``config.lora_on_controlnet``); the prompt encoder placed on the device."""
+        from .loading import check_precision, enable_checkpointing, set_precision, torch_dtype
+
+        check_precision(config)
         self.config, self.scale, self.device, self.base_path = config, config.scale, torch.device(device), base_path
+        self.weight_dtype, self.vae_dtype = torch_dtype(config.dtype), torch_dtype(config.vae_dtype, "vae_dtype")
         vae.requires_grad_(False).eval()
         if controlnet is not None:
             controlnet.requires_grad_(False)
         add_lora(trained, config.lora_rank, config.lora_alpha, config.lora_targets)
         if controlnet is not None and getattr(config, "lora_on_controlnet", False):
             add_lora(controlnet, config.lora_rank, config.lora_alpha, config.lora_targets)
+        # frozen weights in config.dtype (the VAE in vae_dtype), LoRA parameters in fp32
+        set_precision(vae, self.vae_dtype)
+        for m in (trained, controlnet):
+            if m is not None:
+                set_precision(m, self.weight_dtype)
+        if config.gradient_checkpointing:
+            enable_checkpointing(trained, controlnet)
         self.prompt_encoder = prompt_encoder
         self._place_prompt_encoder()
+
+    def _w(self, x: Tensor) -> Tensor:
+        """A floating input cast to the backbone's weight dtype (outputs go back with ``.float()``)."""
+        return x.to(self.weight_dtype)
+
+    def _vae_encode(self, img01: Tensor) -> Tensor:
+        """VAE posterior mode of images in [0,1] [B,3,H,W] -> unscaled latents (fp32), no grad."""
+        with torch.no_grad():
+            return self.model.vae.encode((img01 * 2 - 1).to(self.vae_dtype)).latent_dist.mode().float()
+
+    def _vae_decode(self, z: Tensor) -> Tensor:
+        """Unscaled latents -> images in [0,1] (fp32)."""
+        return ((self.model.vae.decode(z.to(self.vae_dtype)).sample.float() + 1) / 2).clamp(0, 1)
 
     def _text_features(self, prompts: list[str] | None, batch: int) -> dict[str, Tensor]:
         """Cond features for per-image ``prompts`` (one per LR image; None: none, the configured

@@ -1,8 +1,13 @@
 """OSEDiff / NAOSD-style one-step SR on a Stable Diffusion UNet + VAE, with peft LoRA.
 
-The GDPO-SR base model: z_lr = VAE(LR↑); z_in = add_noise(z_lr, ε, t_noise) (DDPM schedule,
-reference setting 250); one UNet call at the *unequal* timestep t_diff (100); one DDPM step to
-x̂0 = (z_in − √(1−ᾱ_tdiff)·ε̂)/√ᾱ_tdiff; VAE decode. Fresh ε gives diverse outputs.
+z_lr = VAE(LR↑ in [-1,1]) (posterior mode × scaling factor); z_in = add_noise(z_lr, ε, t_noise)
+(DDPM schedule); one UNet call at timestep t_diff; one DDPM step to the clean end,
+x̂0 = (z_in − √(1−ᾱ_tdiff)·ε̂)/√ᾱ_tdiff; VAE decode.
+- NAOSD / GDPO-SR (the default): t_noise 0.25 (noise added at 250), t_diff 0.10 (UNet at 100,
+  the *unequal* timestep); fresh ε gives diverse outputs.
+- OSEDiff: ``t_noise = 0`` adds NO noise (z_in = z_lr exactly), t_diff 0.999 (UNet at 999); the
+  output is then deterministic. A converted ``osediff.pkl`` (``sralign convert osediff``) has its
+  LoRA merged into ``unet/`` + ``vae/``.
 
 Only the UNet's LoRA adapters train; ``reference()`` disables them (no second UNet in memory).
 Weights load from a local diffusers folder (``vae/``, ``unet/``, optional ``scheduler/``,
@@ -19,20 +24,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ...config import ranged
 from ..base import Cond, Samples
-from .loading import PromptEncoder, check_model_folder, load_component, load_ddpm_scheduler, prompt_encoder_or_none, rows_of
+from .loading import (DTYPES, PromptEncoder, check_model_folder, check_precision, check_text_source, load_component, load_ddpm_scheduler,
+                      prompt_encoder_or_none, rows_of, torch_dtype)
 from .lora import LoraPolicyMixin
 
 
 @dataclass
 class OneStepSDConfig:
     scale: int = 4
-    t_noise: float = 0.25  # noise level of the input (250 / 1000)
-    t_diff: float = 0.10  # timestep given to the UNet (100 / 1000)
+    t_noise: float = ranged(0.25, ge=0.0, le=1.0)  # noise level of the input (250 / 1000); 0 = no noise added (OSEDiff)
+    t_diff: float = ranged(0.10, ge=0.0, le=1.0)  # timestep given to the UNet (100 / 1000; OSEDiff 0.999 -> 999)
     lora_rank: int = 4
     lora_alpha: float = 4.0
     lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     prompt: str = ""
+    dtype: str = ranged("fp32", choices=tuple(DTYPES))  # frozen UNet (+ text encoder) weights; LoRA stays fp32
+    vae_dtype: str = ranged("fp32", choices=tuple(DTYPES))
+    gradient_checkpointing: bool = True  # recompute UNet activations in backward (less memory, ~1.3x compute)
 
 
 class _SDModules(nn.Module):
@@ -68,11 +78,13 @@ class OneStepSD(LoraPolicyMixin):
         saved = cls._from_saved(folder, OneStepSDConfig, device)
         if saved is not None:
             return saved
-        check_model_folder(folder, ("vae", "unet"))
-        vae = load_component(AutoencoderKL, folder, "vae")
-        unet = load_component(UNet2DConditionModel, folder, "unet")
         cfg = config or OneStepSDConfig()
-        enc = prompt_encoder_or_none(folder, "clip")
+        check_precision(cfg)
+        check_model_folder(folder, ("vae", "unet"))
+        vae = load_component(AutoencoderKL, folder, "vae", torch_dtype(cfg.vae_dtype))
+        unet = load_component(UNet2DConditionModel, folder, "unet", torch_dtype(cfg.dtype))
+        enc = prompt_encoder_or_none(folder, "clip", dtype=torch_dtype(cfg.dtype))
+        check_text_source(folder, enc, {"prompt": cfg.prompt})
         emb = enc([cfg.prompt])["prompt_embeds"] if enc is not None else None
         return cls(vae, unet, load_ddpm_scheduler(folder), cfg, emb, base_path=str(folder.resolve()), device=device, prompt_encoder=enc)
 
@@ -90,8 +102,7 @@ class OneStepSD(LoraPolicyMixin):
 
     # ------------------------------------------------------------------ the contract
     def _encode(self, img01: Tensor) -> Tensor:
-        with torch.no_grad():
-            return self.model.vae.encode(img01 * 2 - 1).latent_dist.mode() * self.vae_scale
+        return self._vae_encode(img01) * self.vae_scale
 
     def condition(self, lr: Tensor, prompts: list[str] | None = None) -> Cond:
         """Encode LR [B,3,h,w]; ``prompts`` (one per image) replace the config's prompt for these rows."""
@@ -118,7 +129,7 @@ class OneStepSD(LoraPolicyMixin):
 
     def _unet(self, z: Tensor, t_int: Tensor, cond: Cond) -> Tensor:
         emb = rows_of(cond.features, "prompt_embeds", self.prompt_embeds, z.shape[0])
-        return self.model.unet(z, t_int, encoder_hidden_states=emb).sample
+        return self.model.unet(self._w(z), t_int, encoder_hidden_states=self._w(emb)).sample.float()
 
     def sample(self, cond: Cond, noise: Tensor, *, sampler: str = "onestep", steps: int = 1, return_trajectory: bool = False, **_) -> Samples:
         if sampler != "onestep":
@@ -127,16 +138,17 @@ class OneStepSD(LoraPolicyMixin):
         if n % cond.batch_size:
             raise ValueError(f"noise batch {n} is not a multiple of the LR batch {cond.batch_size}")
         z_lr = cond.features["z_lr"].repeat_interleave(n // cond.batch_size, 0)
-        eps = noise.to(self.device, torch.float32)
-        tn = torch.full((n,), self.config.t_noise, device=self.device)
         td = self._steps(torch.full((n,), self.config.t_diff, device=self.device))
-        a_n = self.alphas_cumprod[self._steps(tn)][:, None, None, None]
-        z_in = a_n.sqrt() * z_lr + (1 - a_n).sqrt() * eps
+        if self.config.t_noise == 0:  # OSEDiff: the LR latent itself, no noise (``noise`` is unused)
+            z_in = z_lr
+        else:
+            eps = noise.to(self.device, torch.float32)
+            a_n = self.alphas_cumprod[self._steps(torch.full((n,), self.config.t_noise, device=self.device))][:, None, None, None]
+            z_in = a_n.sqrt() * z_lr + (1 - a_n).sqrt() * eps
         eps_hat = self._unet(z_in, td, cond)
         a_d = self.alphas_cumprod[td][:, None, None, None]
         z0 = (z_in - (1 - a_d).sqrt() * eps_hat) / a_d.sqrt()
-        img = self.model.vae.decode(z0 / self.vae_scale).sample
-        return Samples(images=((img + 1) / 2).clamp(0, 1))
+        return Samples(images=self._vae_decode(z0 / self.vae_scale))
 
     def dsm(self, x0: Tensor, cond: Cond, t: Tensor, noise: Tensor, t_model: Tensor | None = None) -> Tensor:
         """ε-prediction loss per sample [B] in latent space: x0 encoded by the VAE, noised at t,
