@@ -321,3 +321,12 @@ def test_default_reward_optimum_is_the_hr():
     out = HybridReward.from_names(list(DEFAULT_FR), list(DEFAULT_NR))(group, hr)
     assert torch.allclose(out.total[:, 0], torch.ones(len(hr)))  # every term at its best
     assert (out.total[:, 1:] < 1 - 1e-3).all()
+
+
+def test_configs_take_gap_metrics_on_the_nr_side_only():
+    from sralign.config import ConfigError, load_config
+    from sralign.train.offline_config import DP2OConfig
+
+    assert load_config(DP2OConfig, None, ["nr_metrics=[gap:sharpness,gap:pyiqa:musiq]"]).nr_metrics == ["gap:sharpness", "gap:pyiqa:musiq"]
+    with pytest.raises(ConfigError, match="fr_metrics lists 'gap:brisque', a no-reference metric; it belongs in the NR list"):
+        load_config(DP2OConfig, None, ["fr_metrics=[gap:brisque]"])
