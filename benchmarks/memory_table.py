@@ -4,8 +4,14 @@ by hand from the published model cards / config files, so nothing is downloaded 
 
     python benchmarks/memory_table.py        (needs the [diffusers] extra)
 
-Accounting: frozen weights in bf16 (2 B/param); every trainable parameter costs an fp32 master
-copy, an fp32 gradient and two fp32 AdamW moments (16 B/param). Activations are not included.
+Accounting of the first table: frozen weights in bf16 (2 B/param); every trainable parameter
+costs an fp32 master copy, an fp32 gradient and two fp32 AdamW moments (16 B/param). Activations
+are not included.
+
+The second table is measured, not assumed: each backend is built on the meta device through its
+own constructor with ``dtype="bf16"`` (the path ``from_pretrained`` takes: frozen weights cast,
+LoRA adapters added and kept in fp32, VAE in ``vae_dtype``), and the bytes are summed from the
+parameters' stored dtypes, next to the same components in fp32 (the baseline, same process).
 """
 
 import torch
@@ -53,6 +59,47 @@ def row(name, trainable_nets, frozen_nets, targets):
     return out
 
 
+def component_table() -> None:
+    """Per-component parameter bytes as the backends store them with dtype=bf16 (vae_dtype fp32)."""
+    from diffusers import DDPMScheduler
+
+    from sralign.policies.diffusers import (ControlNetSD, ControlNetSDConfig, FluxControlNet, FluxControlNetConfig, OneStepSD,
+                                            OneStepSDConfig)
+    from sralign.policies.diffusers.loading import param_bytes, torch_dtype
+
+    def fp32_bytes(m) -> int:
+        return sum(p.numel() * 4 for p in m.parameters())
+
+    with torch.device("meta"):
+        unet, vae = UNet2DConditionModel(**SD21_UNET), AutoencoderKL(**SD_VAE)
+        cn = ControlNetModel.from_unet(unet, load_weights_from_unet=False)
+        flux, fcn, fvae = FluxTransformer2DModel(**FLUX_DEV), FluxControlNetModel(**dict(FLUX_DEV, num_layers=4, num_single_layers=0)), AutoencoderKL(**FLUX_VAE)
+        texts = {"OpenCLIP-H text": CLIPTextModel(OPENCLIP_H), "CLIP-L text": CLIPTextModel(CLIP_L), "T5-XXL encoder": T5EncoderModel(T5_XXL)}
+    base32 = {id(m): fp32_bytes(m) for m in (unet, vae, cn, flux, fcn, fvae, *texts.values())}
+    one = OneStepSD(vae, unet, DDPMScheduler(), OneStepSDConfig(dtype="bf16"), device="meta")
+    csd = ControlNetSD(AutoencoderKL(**SD_VAE).to("meta"), UNet2DConditionModel(**SD21_UNET).to("meta"), cn, DDPMScheduler(),
+                       ControlNetSDConfig(dtype="bf16"), device="meta")
+    fx = FluxControlNet(fvae, flux, fcn, FluxControlNetConfig(dtype="bf16"), device="meta")
+    for t in texts.values():  # the text encoders load in the backend's dtype as well (PromptEncoder)
+        t.requires_grad_(False).to(torch_dtype("bf16"))
+    rows = [("SD2.1 UNet + LoRA r4 (OneStepSD)", one.model.unet, base32[id(unet)]), ("SD VAE (vae_dtype fp32)", one.model.vae, base32[id(vae)]),
+            ("SD2 ControlNet (C-SD2)", csd.model.controlnet, base32[id(cn)]),
+            ("FLUX.1-dev transformer + LoRA r4", fx.model.unet, base32[id(flux)]), ("FLUX ControlNet (4, 0)", fx.model.controlnet, base32[id(fcn)]),
+            ("FLUX VAE (vae_dtype fp32)", fx.model.vae, base32[id(fvae)])]
+    rows += [(name, m, base32[id(m)]) for name, m in texts.items()]
+    print("\n| component | frozen GB (bf16) | LoRA MB (fp32) | all fp32 GB | ratio |")
+    print("|---|---|---|---|---|")
+    for name, m, b32 in rows:
+        frozen, lora = param_bytes(m, trainable=False), param_bytes(m, trainable=True)
+        print(f"| {name} | {frozen / GB:.2f} | {lora / 2**20:.1f} | {b32 / GB:.2f} | {(frozen + lora) / b32:.2f} |")
+    for name, pol, text in (("OneStepSD", one, ["OpenCLIP-H text"]), ("ControlNet-SD2", csd, ["OpenCLIP-H text"]),
+                            ("FLUX ControlNet", fx, ["CLIP-L text", "T5-XXL encoder"])):
+        w = param_bytes(pol.model) + sum(param_bytes(texts[t]) for t in text)
+        lora = sum(p.numel() for p in pol.trainable_parameters())
+        print(f"{name}: weights as stored {w / GB:.2f} GB (text encoders included) + LoRA gradient and AdamW state "
+              f"{lora * 12 / 2**20:.0f} MB = {(w + lora * 12) / GB:.2f} GB before activations")
+
+
 def main() -> None:
     with torch.device("meta"):
         unet = UNet2DConditionModel(**SD21_UNET)
@@ -77,6 +124,7 @@ def main() -> None:
     print(f"\ncomponents: SD2.1 UNet {n_params(unet) / 1e6:.0f} M, VAE {n_params(vae) / 1e6:.0f} M, OpenCLIP-H text {n_params(te_h) / 1e6:.0f} M, "
           f"ControlNet {n_params(cnet) / 1e6:.0f} M, FLUX transformer {n_params(flux) / 1e9:.2f} B, FLUX ControlNet(4,0) {n_params(flux_cn) / 1e6:.0f} M, "
           f"T5-XXL encoder {n_params(t5) / 1e9:.2f} B, CLIP-L {n_params(clip_l) / 1e6:.0f} M")
+    component_table()
 
 
 if __name__ == "__main__":

@@ -245,22 +245,19 @@ TRAIN_CASES = [
 @pytest.mark.parametrize("method,ov,needle", TRAIN_CASES, ids=[f"{m} {' '.join(o)}" for m, o, _ in TRAIN_CASES])
 def test_train_config_errors_fail_before_the_lr_set_and_leave_no_run_folder(tmp_path, method, ov, needle, capsys, monkeypatch):
     import sralign.data.store
-    import sralign.train.candidates
+    import sralign.policies
 
     def no_work(*a, **k):
         raise AssertionError("work started before the config was checked")
 
-    monkeypatch.setattr(sralign.train.candidates, "make_lr_set", no_work)
-    monkeypatch.setattr(sralign.train.online, "make_lr_set", no_work, raising=False)
+    # the policy loads before the LR set is built or the store is read
+    monkeypatch.setattr(sralign.policies, "load_policy", no_work)
     monkeypatch.setattr(sralign.data.store.CandidateStore, "__init__", no_work)
     run = tmp_path / "run"
     store = ["--store", str(tmp_path / "store")] if method in ("dp2o", "dpo") else []
     assert main(["train", "--method", method, *store, "--out", str(run), "--quiet", *ov]) == 2
     _one_line_error(capsys, needle)
     assert not run.exists() and not (tmp_path / "store").exists()
-
-
-import sralign.train.online  # noqa: E402  (patched above)
 
 
 @pytest.mark.parametrize("text,needle", [("- beta: 1\n- lr: 2\n", "must hold a mapping"), ("beta: [1\n", "is not valid YAML")])

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from diffusers_helpers import FLUX_TINY, _give_voice, tiny_vae, tiny_vae8, write_osediff_pkl, write_sd_base
-from sralign.policies.diffusers import ControlNetSD, ControlNetSDConfig, FluxControlNet, OneStepSD, OneStepSDConfig
+from sralign.policies.diffusers import ControlNetSD, ControlNetSDConfig, FluxControlNet, FluxControlNetConfig, OneStepSD, OneStepSDConfig
 from sralign.policies.diffusers.convert import ConvertError, convert
 from sralign.policies.tiny import PolicyLoadError
 
@@ -226,6 +226,8 @@ def test_flux_controlnet_converts_and_equals_the_direct_load(flux, tmp_path):
         a = pol.sample(cond, noise, steps=2).images
         b = ref.sample(ref.condition(cond.lr), noise, steps=2).images
     assert torch.equal(a, b)
+    with pytest.raises(PolicyLoadError, match=r"prompt='a photo' is configured but .* has no tokenizer/ text_encoder/ tokenizer_2/"):
+        FluxControlNet.from_pretrained(out, FluxControlNetConfig(prompt="a photo"))  # no silent zero embeddings
 
 
 def test_flux_controlnet_wrong_layer_count_is_named(flux, tmp_path):

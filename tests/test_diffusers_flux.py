@@ -86,3 +86,37 @@ def test_two_process_ddp_with_lora_and_reference(flux_folder, tmp_path):
     assert any(v.abs().max() > 0 for k, v in pol._lora_state().items() if "lora_B" in k)  # trained (B starts at 0)
     ck = out / "checkpoint"
     assert (ck / "generators.rank0.json").is_file() and (ck / "generators.rank1.json").is_file()
+
+
+def test_c_flux_preset_posterior_and_schedule(flux_folder, tmp_path):
+    """--preset c-flux: the paper's settings; the ControlNet latent is a posterior draw (seeded by
+    the generator); FLUX.1-dev's shifted grid is used without a scheduler folder."""
+    from sralign.policies.diffusers.presets import load_policy_with_settings
+
+    pol = load_policy_with_settings(None, str(flux_folder), preset="c-flux", dtype="fp32")
+    c = pol.config
+    assert (c.guidance_scale, c.control_latent, c.resize, c.dtype) == (2.5, "sample", "pil-bicubic", "fp32")
+    lr = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    a = pol.condition(lr, generator=torch.Generator().manual_seed(1)).features["control"]
+    b = pol.condition(lr, generator=torch.Generator().manual_seed(1)).features["control"]
+    d = pol.condition(lr, generator=torch.Generator().manual_seed(2)).features["control"]
+    mode = FluxControlNet.from_pretrained(flux_folder).condition(lr).features["control"]
+    assert torch.equal(a, b) and not torch.equal(a, d) and not torch.allclose(a, mode)
+    sig = pol.sigmas(4, 1024)
+    assert float(sig[0]) == 1.0 and float(sig[-1]) == 0.0 and float(sig[1]) > 0.75 + 1e-3  # shifted towards noise
+
+
+def test_eval_with_preset_and_settings(flux_folder, tmp_path):
+    """eval --preset: the run's aligned policy sampled with the preset's sampler and the settings."""
+    import json
+
+    from sralign.cli import main
+
+    run = tmp_path / "run"
+    FluxControlNet.from_pretrained(flux_folder).save(run / "policy")
+    assert main(["eval", str(run), "--preset", "c-flux", "--dtype", "fp32", "--quiet", "m=2", "steps=2", "lr_set.n=1",
+                 "lr_set.patch=32", "policy.controlnet_scale=0.5", "grid_images=1", "grid_seeds=1"]) == 0
+    res = json.loads((run / "eval" / "eval.json").read_text())
+    assert res["samplers"]["run"] == "ode" and res["m"] == 2
+    assert main(["eval", str(run), "--out", str(tmp_path / "e2"), "--quiet", "m=2", "policy.no_such_key=1"]) == 2
+    assert not (tmp_path / "e2").exists()

@@ -290,3 +290,17 @@ def test_n_larger_than_half_of_m_fails_before_the_run_folder(tmp_path, scored_st
     line = _err_line(capsys)
     assert rc == 2 and "2N <= M" in line and "N=5, M=8" in line
     assert not run.exists()
+
+
+def test_resume_of_a_run_saved_before_a_field_existed(dgpo_run):
+    import yaml
+
+    f = dgpo_run / "config.yaml"
+    d = yaml.safe_load(f.read_text())
+    del d["adv_eps"]  # as if the run predates the field: it ran with the default
+    f.write_text(yaml.safe_dump(d, sort_keys=False))
+    cfg = DGPOConfig(batch_lr=1, group=3, checkpoint_every=1, lr_set=LRSetConfig(n=2, patch=32))
+    check_resume(dgpo_run, cfg)
+    cfg.adv_eps = 1e-3
+    with pytest.raises(CheckpointError, match=r"adv_eps: run has 1e-08, now 0.001"):
+        check_resume(dgpo_run, cfg)

@@ -111,6 +111,12 @@ def cmd_sr(args: argparse.Namespace) -> int:
     src = Path(args.input)
     if not src.exists():
         raise CLIError(f"{src}: no such file or folder")
+    preset = _preset(args)
+    settings = _split_policy_overrides(args.overrides, only_policy=True)
+    # explicit flags > the preset > the defaults
+    for key, default in (("sampler", "ode"), ("steps", 20), ("colorfix", "none")):
+        if getattr(args, key) is None:
+            setattr(args, key, getattr(preset, key) if preset is not None else default)
     if args.colorfix not in COLOR_FIXES:
         raise CLIError(f"--colorfix must be one of {', '.join(COLOR_FIXES)}")
     if not 1 <= args.steps <= 1000:
@@ -118,14 +124,18 @@ def cmd_sr(args: argparse.Namespace) -> int:
     if args.tile < 0 or args.overlap < 0:
         raise CLIError(f"--tile and --overlap must be >= 0 (0 = no tiling), got --tile {args.tile} --overlap {args.overlap}")
     targets = _image_targets(src, args.output)
-    policy = _policy(args.policy, args.model_path, args.start)
+    prompt_source = _prompt_source(args.prompt_source)
+    policy = _policy(args.policy, args.model_path, args.start, preset=args.preset, settings=settings,
+                     policy_config=args.policy_config, dtype=args.dtype)
     policy.model.eval()
     from tqdm.auto import tqdm
 
     text = getattr(policy, "prompt_encoder", None) is not None
-    if args.prompt is not None and not text:
-        raise CLIError(f"--prompt needs a text-conditioned policy; {args.policy} has no text encoder "
+    if (args.prompt is not None or prompt_source is not None) and not text:
+        raise CLIError(f"--prompt / --prompt-source need a text-conditioned policy; {args.policy} has no text encoder "
                        "(a diffusers model folder with tokenizer/ + text_encoder/)")
+    if preset is not None and not text:
+        log.warning("%s has no text encoder: preset %s's prompts are not used", args.model_path or args.policy, args.preset)
     failed = 0
     for f, dst in tqdm(targets, desc="sr", disable=len(targets) < 2 or args.quiet):
         try:
@@ -136,8 +146,14 @@ def cmd_sr(args: argparse.Namespace) -> int:
             continue
         prompt = args.prompt
         sidecar = f.with_suffix(".txt")
+        tags = None
         if text and sidecar.is_file():
-            prompt = sidecar.read_text(encoding="utf-8").strip()
+            prompt = tags = sidecar.read_text(encoding="utf-8").strip()
+        elif text and prompt_source is not None:
+            tags = _call_prompt_source(prompt_source, lr)
+            prompt = tags if args.prompt is None else f"{tags}, {args.prompt}"
+        if text and preset is not None:
+            prompt = preset.text(tags, args.prompt)  # the paper's prompt template
         sr = super_resolve(policy, lr, seed=args.seed, sampler=args.sampler, steps=args.steps, tile=args.tile,
                            overlap=args.overlap, colorfix=args.colorfix, prompt=prompt)
         save_image(sr, dst)
@@ -298,15 +314,22 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------- generate / train / eval
-def _policy(spec: str, model_path: str | None = None, start: float | None = None):
+def _policy(spec: str, model_path: str | None = None, start: float | None = None, *, preset: str | None = None,
+            settings: list[str] | None = None, policy_config: str | None = None, dtype: str | None = None):
+    """The policy of ``--policy`` / ``--model-path``, with ``--preset``, ``--policy-config``,
+    ``policy.KEY=VALUE`` settings (``settings``, prefix removed) and ``--dtype`` applied."""
     from .policies import PolicyLoadError, load_policy
 
-    if model_path:
+    if model_path and not preset:
         if spec not in ("osediff", "naosd", "controlnet-sd", "flux"):
             raise CLIError("--model-path goes with --policy osediff | controlnet-sd | flux")
-        spec = f"{spec}:{model_path}"
     try:
-        policy = load_policy(spec)
+        if preset or settings or policy_config or dtype:
+            from .policies.diffusers.presets import load_policy_with_settings
+
+            policy = load_policy_with_settings(spec, model_path, preset=preset, policy_config=policy_config, overrides=settings, dtype=dtype)
+        else:
+            policy = load_policy(f"{spec}:{model_path}" if model_path else spec)
     except PolicyLoadError as e:
         raise CLIError(str(e)) from None
     if start is not None:
@@ -318,6 +341,51 @@ def _policy(spec: str, model_path: str | None = None, start: float | None = None
     return policy
 
 
+def _preset(args: argparse.Namespace):
+    """The ``--preset`` of these arguments (or None), checked before any work."""
+    if not getattr(args, "preset", None):
+        return None
+    from .policies import PolicyLoadError
+
+    try:
+        from .policies.diffusers.presets import get_preset
+
+        return get_preset(args.preset)
+    except (PolicyLoadError, ImportError) as e:
+        raise CLIError(str(e)) from None
+
+
+def _split_policy_overrides(overrides: list[str], only_policy: bool = False) -> list[str]:
+    """Remove the ``policy.KEY=VALUE`` items from ``overrides`` (in place) and return them as
+    ``KEY=VALUE``; with ``only_policy`` any other item is an error."""
+    mine = [o for o in overrides if o.startswith("policy.")]
+    rest = [o for o in overrides if not o.startswith("policy.")]
+    if only_policy and rest:
+        raise CLIError(f"unexpected {rest[0]!r}: settings here are policy.KEY=VALUE (e.g. policy.guidance_scale=3.5)")
+    overrides[:] = rest
+    return [o[len("policy."):] for o in mine]
+
+
+def _prompt_source(spec: str | None):
+    if spec is None:
+        return None
+    from .prompt_source import PromptSourceError, load_prompt_source
+
+    try:
+        return load_prompt_source(spec)
+    except PromptSourceError as e:
+        raise CLIError(str(e)) from None
+
+
+def _call_prompt_source(source, lr) -> str:
+    from .prompt_source import PromptSourceError
+
+    try:
+        return source(lr[None])[0]
+    except PromptSourceError as e:
+        raise CLIError(str(e)) from None
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from .config import load_config
     from .data.store import CandidateStore
@@ -325,11 +393,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .train.distributed import barrier, init_if_needed, rank_world
 
     ov = list(args.overrides)
+    settings = _split_policy_overrides(ov)
+    preset = _preset(args)
     for flag, key in (("m", "m"), ("steps", "steps"), ("sampler", "sampler"), ("n_lr", "lr_set.n"), ("seed", "seed")):
         v = getattr(args, flag)
         if v is not None:
             ov.append(f"{key}={v}")
-    cfg = load_config(GenerateConfig, args.config, ov)
+    base = GenerateConfig(sampler=preset.sampler, steps=preset.steps) if preset is not None else None
+    cfg = load_config(GenerateConfig, args.config, ov, base=base)
     rank, _ = rank_world()
     init_if_needed()
     # Rank 0 creates (or repairs) the store before the others open it: repair deletes
@@ -338,7 +409,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     barrier()
     if store is None:
         store = CandidateStore(args.store, repair=False)
-    n = generate(store, _policy(args.policy, args.model_path, args.start), cfg, progress=not args.quiet)
+    policy = _policy(args.policy, args.model_path, args.start, preset=args.preset, settings=settings, policy_config=args.policy_config,
+                     dtype=args.dtype)
+    n = generate(store, policy, cfg, progress=not args.quiet)
     print(f"rank {rank}: {n} new candidates in {args.store}")
     return 0
 
@@ -392,18 +465,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .config import load_config
 
     ov = list(args.overrides)
+    settings = _split_policy_overrides(ov)
+    preset = _preset(args)
     if args.m is not None:
         ov.append(f"m={args.m}")
-    cfg = load_config(EvalConfig, args.config, ov)
+    cfg = load_config(EvalConfig, args.config, ov, base=EvalConfig(steps=preset.steps) if preset is not None else None)
     target = Path(args.run)
     if not target.is_dir():
         raise CLIError(f"{target}: {'not a folder' if target.exists() else 'no such folder'}; pass a training run folder (or a policy folder)")
     if args.out:
         _writable_folder(Path(args.out), "--out")
-    pol_dir = target / "policy" if (target / "policy" / "config.json").is_file() else target
+    pol_dir = target / "policy" if ((target / "policy" / "config.json").is_file() or (target / "policy" / "sralign_policy.json").is_file()) else target
     out = Path(args.out) if args.out else target / "eval"
-    run_eval({target.name: pol_dir}, cfg, out, progress=not args.quiet, run_dirs={target.name: target},
-             samplers={target.name: run_sampler(target)})
+    pol: object = pol_dir
+    if preset is not None or settings or args.policy_config or args.dtype:
+        pol = _policy(str(pol_dir), preset=args.preset, settings=settings, policy_config=args.policy_config, dtype=args.dtype)
+    sampler = args.sampler or (preset.sampler if preset is not None else None) or run_sampler(target)
+    run_eval({target.name: pol}, cfg, out, progress=not args.quiet, run_dirs={target.name: target},
+             samplers={target.name: sampler} if sampler else None)
     print(f"wrote {out / 'eval.json'} and {out / 'report.html'}")
     return 0
 
@@ -447,6 +526,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+SAMPLER_CHOICES = ["ode", "sde", "onestep", "ddpm"]  # policies.base.SAMPLERS (not imported: keeps --help light)
+
+
+def _add_policy_settings(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default=None, help="a paper's inference settings: c-sd2 | c-flux | osediff | gdpo-sr "
+                   "(implies the backend; give the model with --model-path DIR); any value can be overridden")
+    p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="diffusers backends: network precision")
+    p.add_argument("--policy-config", dest="policy_config", default=None, help="YAML with the backend's settings (guidance_scale: 3.5, …)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sralign", description="Align generative SR models with perceptual preferences.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -465,14 +554,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model-path", default=None, help="local diffusers model folder")
     s.add_argument("--prompt", default=None, help="text for every image (text-conditioned backends); "
                    "IMG.txt beside IMG.png overrides it for that image")
-    s.add_argument("--sampler", default="ode", choices=["ode", "sde", "onestep"])
-    s.add_argument("--steps", type=int, default=20)
+    s.add_argument("--sampler", default=None, choices=SAMPLER_CHOICES, help="default: the preset's, else ode")
+    s.add_argument("--steps", type=int, default=None, help="default: the preset's, else 20")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--start", type=float, default=None, help="noise level the ode/sde sampler starts from (0-1]; the shipped policy uses 0.5, 1 = from pure noise")
     s.add_argument("--tile", type=int, default=128, help="LR tile size; 0 = no tiling")
     s.add_argument("--overlap", type=int, default=16, help="tile overlap in LR pixels")
-    s.add_argument("--colorfix", default="none", help="none | adain | wavelet")
+    s.add_argument("--colorfix", default=None, help="none | adain | wavelet (default: the preset's, else none)")
+    s.add_argument("--prompt-source", dest="prompt_source", default=None,
+                   help="per-image tags: a Python callable MODULE:FUNCTION or FILE.py:FUNCTION (LR [B,3,h,w] in [0,1] -> list of "
+                        "strings), or a local transformers image-to-text model folder; IMG.txt beside an image still wins")
+    _add_policy_settings(s)
     s.add_argument("--quiet", action="store_true")
+    s.add_argument("overrides", nargs="*", help="policy settings policy.KEY=VALUE, e.g. policy.guidance_scale=3.5")
     s.set_defaults(func=cmd_sr)
 
     g = sub.add_parser("degrade", help="make LR images with the Real-ESRGAN second-order degradation")
@@ -501,12 +595,13 @@ def build_parser() -> argparse.ArgumentParser:
     gn.add_argument("--start", type=float, default=None, help="tiny policy: noise level its ODE starts from (shipped 0.5; 1 = pure noise)")
     gn.add_argument("--m", type=int, default=None, help="candidates per LR (default 16)")
     gn.add_argument("--steps", type=int, default=None)
-    gn.add_argument("--sampler", default=None, choices=["ode", "sde", "onestep"])
+    gn.add_argument("--sampler", default=None, choices=SAMPLER_CHOICES)
     gn.add_argument("--n-lr", dest="n_lr", type=int, default=None, help="number of bundled LR crops")
     gn.add_argument("--seed", type=int, default=None)
     gn.add_argument("--config", default=None)
+    _add_policy_settings(gn)
     gn.add_argument("--quiet", action="store_true")
-    gn.add_argument("overrides", nargs="*", help="GenerateConfig key=value overrides")
+    gn.add_argument("overrides", nargs="*", help="GenerateConfig key=value overrides; policy.KEY=VALUE for the policy's settings")
     gn.set_defaults(func=cmd_generate)
 
     tr = sub.add_parser("train", help="align a policy: dp2o / dpo (offline) or gdpo / dgpo / grpo (online)")
@@ -527,8 +622,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default=None)
     ev.add_argument("--m", type=int, default=None)
     ev.add_argument("--config", default=None)
+    ev.add_argument("--sampler", default=None, choices=SAMPLER_CHOICES, help="default: the preset's, else ode")
+    _add_policy_settings(ev)
     ev.add_argument("--quiet", action="store_true")
-    ev.add_argument("overrides", nargs="*")
+    ev.add_argument("overrides", nargs="*", help="EvalConfig key=value overrides; policy.KEY=VALUE for the policy's settings")
     ev.set_defaults(func=cmd_eval)
 
     cv = sub.add_parser("convert", help="a published checkpoint -> a complete local model folder (C-SD2, C-FLUX, OSEDiff, GDPO-SR)")

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .colorfix import color_fix
-from .policies.base import SRPolicy, condition_with_prompts, noise_layout, policy_noise
+from .policies.base import STOCHASTIC_SAMPLERS, SRPolicy, condition_with_prompts, noise_layout, policy_noise
 
 
 def _ramp(n: int, overlap: int, at_start: bool, at_end: bool) -> Tensor:
@@ -60,7 +60,7 @@ def super_resolve(
     _, h, w = lr.shape
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn((1, channels, h * s // factor, w * s // factor), generator=g)
-    extra = {"generator": g} if sampler == "sde" else {}  # sde draws per-step noise: seed it too
+    extra = {"generator": g} if sampler in STOCHASTIC_SAMPLERS else {}  # sde / ddpm draw per-step noise: seed it too
     prompts = None if prompt is None else [prompt]
 
     def run(lr_tile: Tensor, y: int, x: int) -> Tensor:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..policies.base import SRPolicy, condition_captioned
+from ..policies.base import STOCHASTIC_SAMPLERS, SRPolicy, condition_captioned
 from ..rewards.hybrid import HybridReward, score_group
 from ..rewards.registry import get_metric
 from ..rewards.relative import side_of
@@ -37,7 +37,7 @@ def sample_groups(policy: SRPolicy, lr: Tensor, m: int, *, sampler: str = "ode",
         for s0 in range(0, m, chunk):
             seeds = list(range(s0, min(m, s0 + chunk)))
             noise = candidate_noise(shape, seed, ids[i], seeds)
-            extra = {"generator": torch.Generator().manual_seed(seed * 7919 + i * 104729 + s0)} if sampler == "sde" else {}
+            extra = {"generator": torch.Generator().manual_seed(seed * 7919 + i * 104729 + s0)} if sampler in STOCHASTIC_SAMPLERS else {}
             imgs.append(policy.sample(cond, noise, sampler=sampler, steps=steps, **extra).images.cpu())
         out.append(torch.cat(imgs))
     return torch.stack(out)

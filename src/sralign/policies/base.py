@@ -15,7 +15,8 @@ from typing import Any, Iterator, Protocol, runtime_checkable
 from torch import Tensor
 from torch.nn import Parameter
 
-SAMPLERS = ("ode", "sde", "onestep")
+SAMPLERS = ("ode", "sde", "onestep", "ddpm")
+STOCHASTIC_SAMPLERS = ("sde", "ddpm")  # draw noise at every step: callers seed them with a generator
 
 
 @dataclass

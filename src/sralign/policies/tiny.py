@@ -249,8 +249,8 @@ class TinyPolicy:
         generator: torch.Generator | None = None,
         noise_level: float | None = None,
     ) -> Samples:
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if sampler not in SAMPLERS or sampler == "ddpm":
+            raise ValueError(f"unknown sampler {sampler!r} for the tiny policy; choose one of ode, sde, onestep")
         c = self._expand(cond, noise.shape[0])
         x = noise.to(self.device, torch.float32)
         if sampler == "onestep":

@@ -16,7 +16,7 @@ from ..data.images import ImageError, ImageFolder, load_bundled, random_crops_wi
 from ..config import ranged, validate
 from ..data.store import CandidateStore
 from ..losses import dp2o_pairs, hpo_weights
-from ..policies.base import condition_captioned
+from ..policies.base import SAMPLERS, STOCHASTIC_SAMPLERS, condition_captioned
 from ..policies.tiny import TinyPolicy
 from ..rewards.hybrid import HybridReward
 from ..rewards.registry import get_metric
@@ -101,7 +101,7 @@ def candidate_noise(shape: tuple[int, ...], base: int, lr_id: str, seeds: list[i
 @dataclass
 class GenerateConfig:
     m: int = ranged(16, ge=2)  # a group needs two candidates to rank
-    sampler: str = ranged("ode", choices=("ode", "sde", "onestep"))
+    sampler: str = ranged("ode", choices=SAMPLERS)
     steps: int = ranged(10, ge=1, le=1000)
     chunk: int = ranged(8, ge=1)  # samples per policy call (seeds 0..M-1 are cut into fixed chunks)
     seed: int = ranged(0, ge=0)
@@ -135,7 +135,9 @@ def generate(store: CandidateStore, policy: TinyPolicy, cfg: GenerateConfig, pro
         shape = policy.noise_shape(cond)[1:]
         for seeds in todo:
             noise = candidate_noise(shape, cfg.seed, lr_id, seeds)
-            imgs = policy.sample(cond, noise, sampler=cfg.sampler, steps=cfg.steps).images
+            # per-step noise of sde / ddpm: seeded by the chunk, so a seed always gives the same image
+            extra = {"generator": torch.Generator().manual_seed(noise_seed(cfg.seed + 1, lr_id, seeds[0]))} if cfg.sampler in STOCHASTIC_SAMPLERS else {}
+            imgs = policy.sample(cond, noise, sampler=cfg.sampler, steps=cfg.steps, **extra).images
             for s, img in zip(seeds, imgs):
                 if s not in done:
                     store.add_candidate(lr_id, s, cfg.sampler, cfg.steps, fp, img)

@@ -53,12 +53,16 @@ def check_resume(out: str | Path, cfg: Any) -> None:
         raise CheckpointError(f"--resume: {f} is corrupt ({str(e).splitlines()[0]}); restore it, or start a new run in another --out") from None
     if not isinstance(saved, dict):
         raise CheckpointError(f"--resume: {f} is corrupt (not a mapping of keys to values); restore it, or start a new run in another --out")
-    new = yaml.safe_load(yaml.safe_dump(to_dict(cfg), sort_keys=False))  # compare as the file holds it
+    def as_saved(c: Any) -> dict[str, Any]:  # compare as the file holds it
+        return yaml.safe_load(yaml.safe_dump(to_dict(c), sort_keys=False))
+
+    new = as_saved(cfg)
     m_old, m_new = saved.get("method"), new.get("method")
     if m_old != m_new:
         raise CheckpointError(f"--resume: {out} is a {m_old or 'pretrain'} run, not {m_new or 'pretrain'}; "
                               f"resume it with --method {m_old}, or start the {m_new} run in another --out")
-    a, b = _flat(saved), _flat(new)
+    # a key the run's file lacks (a run made before the field existed) had the field's default
+    a, b = {**_flat(as_saved(type(cfg)())), **_flat(saved)}, _flat(new)
     diff = [k for k in sorted(set(a) | set(b)) if k not in RESUME_MAY_CHANGE and a.get(k, "<unset>") != b.get(k, "<unset>")]
     if diff:
         shown = "; ".join(f"{k}: run has {a.get(k, '<unset>')!r}, now {b.get(k, '<unset>')!r}" for k in diff[:3])

@@ -91,7 +91,8 @@ class OnlineTrainer:
         noise = torch.randn((n * G, *self.policy.noise_shape(cond)[1:]), generator=self.gen).to(self.accel.device)
         with torch.no_grad(), self._rollout_ctx():
             if c.method == "grpo":
-                return self.policy.sample(cond, noise, sampler="sde", steps=c.steps, generator=self.gen, noise_level=c.noise_level)
+                sampler = "ddpm" if c.sampler == "ddpm" else "sde"  # ControlNetSD's ancestral DDPM, or the policy's SDE
+                return self.policy.sample(cond, noise, sampler=sampler, steps=c.steps, generator=self.gen, noise_level=c.noise_level)
             return self.policy.sample(cond, noise, sampler=c.sampler, steps=c.steps)
 
     def score(self, images: torch.Tensor, idx: list[int]):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..config import check_metric_names, ranged
+from ..policies.base import SAMPLERS
 from ..rewards.hybrid import DEFAULT_FR, DEFAULT_NR
 from .candidates import LRSetConfig
 
@@ -51,7 +52,7 @@ class OnlineConfig:
     fr_metrics: list[str] = field(default_factory=lambda: list(DEFAULT_FR))
     nr_metrics: list[str] = field(default_factory=lambda: list(DEFAULT_NR))
     rollout_from: str = ranged("ema", choices=("reference", "ema", "policy"))
-    sampler: str = ranged("ode", choices=("ode", "sde", "onestep"))
+    sampler: str = ranged("ode", choices=SAMPLERS)
     steps: int = ranged(4, ge=1, le=1000)
     t_min: float = ranged(0.0, ge=0, lt=1)
     t_max: float = ranged(1.0, gt=0, le=1)

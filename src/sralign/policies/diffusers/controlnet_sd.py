@@ -1,37 +1,45 @@
 """ControlNet-SD2 SR (DP²O-SR's C-SD2): a Stable Diffusion UNet steered by a ControlNet that sees
-the upsampled LR; multi-step DDIM ``ode`` sampling and stochastic DDIM (η > 0) ``sde`` sampling
-with per-step Gaussian log-probs (for GRPO), classifier-free guidance, peft LoRA on the UNet
-(optionally on the ControlNet). ``reference()`` disables the adapters.
+the upsampled LR. Samplers, all on the model folder's scheduler config (see ``sd_schedule``):
+``ode`` (DDIM η = 0), ``sde`` (DDIM η = ``sde_noise_level``) and ``ddpm`` (ancestral DDPM, the
+authors' C-SD2 inference), the stochastic ones with per-step Gaussian log-probs (for GRPO);
+``prediction_type`` epsilon / v_prediction / sample; classifier-free guidance with a negative
+prompt when ``guidance_scale`` > 1 (as diffusers); peft LoRA on the UNet (optionally on the
+ControlNet). ``reference()`` disables the adapters.
 
 Folder layout (local, ``local_files_only``): ``vae/``, ``unet/``, ``controlnet/`` (a published bare
 state dict becomes one with ``sralign convert sd-controlnet``; ``fresh_controlnet`` initialises
-one from the UNet instead, for training from scratch), optional ``scheduler/``, optional
-``text_encoder/`` + ``tokenizer/``.
+one from the UNet instead, for training from scratch), optional ``scheduler/`` (else SD 2-base's
+schedule), optional ``text_encoder/`` + ``tokenizer/``.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...config import ranged
 from ..base import Cond, Samples
 from ..tiny import PolicyLoadError
-from .loading import (DTYPES, PromptEncoder, check_model_folder, check_precision, check_text_source, load_component, load_ddpm_scheduler,
+from .loading import (DTYPES, PromptEncoder, check_model_folder, check_precision, check_text_source, load_component,
                       prompt_encoder_or_none, rows_of, torch_dtype)
 from .lora import LoraPolicyMixin
+from .presets import Preset
+from .sd_schedule import DDIM, DDPM, SDSchedule, gaussian_log_prob, read_scheduler_config
+from .upsample import UPSAMPLERS, upsample
+
+SD_SAMPLERS = ("ode", "sde", "ddpm")
 
 
 @dataclass
 class ControlNetSDConfig:
-    scale: int = 4
-    guidance_scale: float = 1.0  # DP²O-SR C-SD2: 3.5 (with a negative prompt)
-    sde_noise_level: float = 1.0  # DDIM η of the sde sampler
+    scale: int = ranged(4, ge=1)
+    guidance_scale: float = ranged(1.0, ge=0)  # CFG only when > 1 (as diffusers); C-SD2: 3.5 with a negative prompt
+    controlnet_scale: float = 1.0  # the ControlNet residuals' weight (diffusers' controlnet_conditioning_scale)
+    sde_noise_level: float = ranged(1.0, ge=0)  # DDIM η of the sde sampler
+    resize: str = ranged("bicubic", choices=UPSAMPLERS)  # LR upsampling for the ControlNet input
     lora_rank: int = 4
     lora_alpha: float = 4.0
     lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
@@ -42,6 +50,16 @@ class ControlNetSDConfig:
     dtype: str = ranged("fp32", choices=tuple(DTYPES))  # frozen UNet/ControlNet/text weights; LoRA stays fp32
     vae_dtype: str = ranged("fp32", choices=tuple(DTYPES))
     gradient_checkpointing: bool = True
+
+
+PRESETS = {
+    "c-sd2": Preset(
+        backend="controlnet-sd", paper="DP²O-SR C-SD2 / DP²O-SD2 (test_sd2b_controlnet.py)",
+        config=dict(guidance_scale=3.5, negative_prompt="dotted, noise, blur, lowres, smooth", controlnet_scale=1.0,
+                    resize="pil-bicubic", dtype="fp16", vae_dtype="fp32"),
+        sampler="ddpm", steps=50, colorfix="adain", prompt_template="{tags}",
+        notes="StableDiffusionControlNetPipeline with the folder's DDPMScheduler; prompt = RAM/DAPE tags"),
+}
 
 
 class _CNModules(nn.Module):
@@ -60,7 +78,8 @@ class ControlNetSD(LoraPolicyMixin):
                  base_path: str | None = None, device: str | torch.device = "cpu", prompt_encoder: PromptEncoder | None = None):
         self._setup(config or ControlNetSDConfig(), device, base_path, prompt_encoder, vae=vae, trained=unet, controlnet=controlnet)
         self.model = _CNModules(vae, unet, controlnet).to(self.device)
-        self.alphas_cumprod = scheduler.alphas_cumprod.to(self.device, torch.float32)
+        self.schedule = (scheduler if isinstance(scheduler, SDSchedule) else SDSchedule(dict(scheduler.config))).to(self.device)
+        self.alphas_cumprod = self.schedule.alphas_cumprod
         self.vae_scale = float(getattr(vae.config, "scaling_factor", 0.18215))
         cross = unet.config.cross_attention_dim
         self.prompt_embeds = (prompt_embeds if prompt_embeds is not None else torch.zeros(1, 1, cross)).to(self.device)
@@ -89,7 +108,7 @@ class ControlNetSD(LoraPolicyMixin):
         enc = prompt_encoder_or_none(folder, "clip", dtype=wd)
         check_text_source(folder, enc, {"prompt": cfg.prompt, "negative_prompt": cfg.negative_prompt})
         emb = enc([cfg.prompt, cfg.negative_prompt])["prompt_embeds"] if enc is not None else None
-        return cls(vae, unet, cn, load_ddpm_scheduler(folder), cfg, None if emb is None else emb[:1], None if emb is None else emb[1:],
+        return cls(vae, unet, cn, SDSchedule(read_scheduler_config(folder)), cfg, None if emb is None else emb[:1], None if emb is None else emb[1:],
                    base_path=str(folder.resolve()), device=device, prompt_encoder=enc)
 
     def _lora_modules(self) -> dict[str, nn.Module]:
@@ -101,7 +120,9 @@ class ControlNetSD(LoraPolicyMixin):
     def to(self, device) -> "ControlNetSD":
         self.device = torch.device(device)
         self.model.to(self.device)
-        for k in ("alphas_cumprod", "prompt_embeds", "negative_embeds"):
+        self.schedule.to(self.device)
+        self.alphas_cumprod = self.schedule.alphas_cumprod
+        for k in ("prompt_embeds", "negative_embeds"):
             setattr(self, k, getattr(self, k).to(self.device))
         self._place_prompt_encoder()
         return self
@@ -118,7 +139,7 @@ class ControlNetSD(LoraPolicyMixin):
         rows (the negative prompt stays the config's)."""
         text = self._text_features(prompts, lr.shape[0])  # checked before any encoding
         lr = lr.to(self.device, torch.float32)
-        lr_up = F.interpolate(lr, scale_factor=self.scale, mode="bicubic", align_corners=False).clamp(0, 1)
+        lr_up = upsample(lr, self.scale, self.config.resize)
         feats = {"control": lr_up, **text}
         return Cond(lr=lr, lr_up=lr_up, features=feats)
 
@@ -135,12 +156,14 @@ class ControlNetSD(LoraPolicyMixin):
         f = self._latent_factor()
         return (x0.shape[0], self.model.unet.config.in_channels, x0.shape[2] // f, x0.shape[3] // f)
 
-    def _eps(self, z: Tensor, t_int: Tensor, features: dict[str, Tensor], guidance: float | None = None) -> Tensor:
-        """ε̂ [n,C,h,w] with classifier-free guidance; ``features`` are a Cond's, with n rows."""
+    def _model_out(self, z: Tensor, t_int: Tensor, features: dict[str, Tensor], guidance: float | None = None) -> Tensor:
+        """The UNet's output [n,C,h,w] (ε, v or x₀ by ``prediction_type``), guided by the negative
+        prompt when the guidance scale is > 1; ``features`` are a Cond's, with n rows."""
         g = self.config.guidance_scale if guidance is None else guidance
         n = z.shape[0]
         control, text = features["control"], rows_of(features, "prompt_embeds", self.prompt_embeds, n)
-        if g != 1.0:
+        cfg = g > 1.0
+        if cfg:
             neg = self.negative_embeds.expand(n, -1, -1)
             if neg.shape[1] != text.shape[1]:
                 raise ValueError(f"negative prompt embedding length {neg.shape[1]} != prompt length {text.shape[1]}")
@@ -149,67 +172,63 @@ class ControlNetSD(LoraPolicyMixin):
         else:
             z2, t2, c2, emb = z, t_int, control, text
         z2, emb, c2 = self._w(z2), self._w(emb), self._w(c2)
-        down, mid = self.model.controlnet(z2, t2, encoder_hidden_states=emb, controlnet_cond=c2, return_dict=False)
-        eps = self.model.unet(z2, t2, encoder_hidden_states=emb, down_block_additional_residuals=down,
+        down, mid = self.model.controlnet(z2, t2, encoder_hidden_states=emb, controlnet_cond=c2,
+                                          conditioning_scale=self.config.controlnet_scale, return_dict=False)
+        out = self.model.unet(z2, t2, encoder_hidden_states=emb, down_block_additional_residuals=down,
                               mid_block_additional_residual=mid).sample.float()
-        if g != 1.0:
-            u, c = eps.chunk(2)
-            eps = u + g * (c - u)
-        return eps
+        if cfg:
+            u, c = out.chunk(2)
+            out = u + g * (c - u)
+        return out
 
-    def timesteps(self, steps: int) -> Tensor:
-        """DDIM timesteps [steps+1]: 999 down to 999/steps, then −1 (the clean end, ᾱ_0), so every
-        step of the sde sampler has a positive variance."""
-        if not 1 <= steps <= 1000:
-            raise ValueError(f"steps must be in 1..1000, got {steps}")
-        ts = torch.linspace(999, 0, steps + 1).round().long()[:-1]
-        return torch.cat([ts, torch.tensor([-1])]).to(self.device)
-
-    def _alpha(self, t: Tensor) -> Tensor:
-        # the clean end uses ᾱ_0 (not 1) so the last stochastic step keeps a positive variance
-        return torch.where(t >= 0, self.alphas_cumprod[t.clamp_min(0)], self.alphas_cumprod[0])
+    def schedule_for(self, sampler: str, steps: int) -> Tensor:
+        """The ``[steps+1, 3]`` schedule of ``sampler`` (see ``sd_schedule``): DDIM grid for
+        ``ode``/``sde``, DDPM grid for ``ddpm``, both from the folder's scheduler config."""
+        if sampler not in SD_SAMPLERS:
+            raise ValueError(f"ControlNetSD samples with {', '.join(map(repr, SD_SAMPLERS))} (got {sampler!r})")
+        return self.schedule.table(DDPM if sampler == "ddpm" else DDIM, steps)
 
     def sde_step(self, cond: Cond, x: Tensor, timesteps: Tensor, i: int, *, prev_sample: Tensor | None = None,
                  generator: torch.Generator | None = None, noise_level: float | None = None):
-        """One DDIM step from timesteps[i] to timesteps[i+1] with η = noise_level (0 = ode).
-        Returns (x_next, log_prob [B] (mean over dims), mean, std)."""
+        """Step ``i`` of schedule ``timesteps`` (from ``schedule_for``): DDIM with η =
+        ``noise_level`` (0 = ode), or ancestral DDPM (η not used). Returns (x_next, log_prob [B]
+        (mean over dims; 0 for a deterministic step), mean, std)."""
         eta = self.config.sde_noise_level if noise_level is None else noise_level
-        t, t_prev = timesteps[i], timesteps[i + 1]
-        a, a_prev = self._alpha(t), self._alpha(t_prev)
-        eps = self._eps(x, t.expand(x.shape[0]), cond.features)
-        x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
-        std = eta * torch.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev)).clamp_min(0)
-        mean = a_prev.sqrt() * x0 + (1 - a_prev - std**2).clamp_min(0).sqrt() * eps
+        row = timesteps[i]
+        out = self._model_out(x, row[0].long().expand(x.shape[0]), cond.features)
+        mean, std = self.schedule.step(out, x, row, eta)
         if std <= 0:
             return mean, torch.zeros(x.shape[0], device=x.device), mean, std
         if prev_sample is None:
             prev_sample = mean + std * torch.randn(x.shape, generator=generator).to(x.device)
-        logp = -((prev_sample.detach() - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
-        return prev_sample, logp.flatten(1).mean(1), mean, std
+        return prev_sample, gaussian_log_prob(prev_sample, mean, std), mean, std
 
     def sample(self, cond: Cond, noise: Tensor, *, sampler: str = "ode", steps: int = 20, return_trajectory: bool = False,
-               generator: torch.Generator | None = None, noise_level: float | None = None) -> Samples:
-        if sampler not in ("ode", "sde"):
-            raise ValueError(f"ControlNetSD samples with 'ode' or 'sde' (got {sampler!r})")
+               generator: torch.Generator | None = None, noise_level: float | None = None, output_latents: bool = False) -> Samples:
+        """One sample per row of ``noise``; ``output_latents``: ``images`` holds the final latents
+        (unscaled, as diffusers' ``output_type="latent"``) instead of decoded images."""
+        ts = self.schedule_for(sampler, steps)
         n = noise.shape[0]
         if n % cond.batch_size:
             raise ValueError(f"noise batch {n} is not a multiple of the LR batch {cond.batch_size}")
         c = cond.repeat(n // cond.batch_size)
-        ts = self.timesteps(steps)
+        stochastic = sampler != "ode"
         x = noise.to(self.device, torch.float32)
-        traj = [x] if (return_trajectory or sampler == "sde") else None
+        traj = [x] if (return_trajectory or stochastic) else None
         logps = []
         for i in range(steps):
             x, lp, _, _ = self.sde_step(c, x, ts, i, generator=generator, noise_level=0.0 if sampler == "ode" else noise_level)
-            if sampler == "sde":
+            if stochastic:
                 logps.append(lp)
             if traj is not None:
                 traj.append(x)
-        return Samples(images=self._vae_decode(x / self.vae_scale), trajectory=torch.stack(traj, 1) if traj is not None else None,
+        img = x if output_latents else self._vae_decode(x / self.vae_scale)
+        return Samples(images=img, trajectory=torch.stack(traj, 1) if traj is not None else None,
                        log_probs=torch.stack(logps, 1) if logps else None, sigmas=ts if traj is not None else None)
 
     def dsm(self, x0: Tensor, cond: Cond, t: Tensor, noise: Tensor, t_model: Tensor | None = None) -> Tensor:
-        """ε-prediction loss per sample [B] in latent space (no guidance), ControlNet on LR↑."""
+        """Denoising loss per sample [B] in latent space (no guidance), ControlNet on LR↑: the
+        model's output against its ``prediction_type`` target (ε, v, or x₀)."""
         n = x0.shape[0]
         c = cond.repeat(n // cond.batch_size) if n != cond.batch_size else cond
         z0 = self._encode_clean(x0)
@@ -218,4 +237,5 @@ class ControlNetSD(LoraPolicyMixin):
         a = self.alphas_cumprod[ti][:, None, None, None]
         eps = noise.to(self.device, torch.float32)
         z_t = a.sqrt() * z0 + (1 - a).sqrt() * eps
-        return ((self._eps(z_t, tm, c.features, guidance=1.0) - eps) ** 2).flatten(1).mean(1)
+        target = self.schedule.target(z0, eps, a)
+        return ((self._model_out(z_t, tm, c.features, guidance=1.0) - target) ** 2).flatten(1).mean(1)

@@ -39,6 +39,7 @@ import os
 import pickle
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -161,8 +162,6 @@ def _config(base: Path, sub: str) -> dict:
 
 def _meta(cls, cfg: dict, **kw):
     """``cls`` built from a config on the meta device (structure only: no memory, no weights)."""
-    import warnings
-
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return cls.from_config(cfg, **kw)
@@ -316,8 +315,10 @@ def _add_osediff_adapters(model: nn.Module, adapters: dict[str, list[str]], rank
             hint = ("wrong layer count: " if any(re.search(r"\.\d+\.", u) for u in unknown) else "")
             raise ConvertError(f"{hint}{src} lists {len(unknown)} LoRA target module(s) that {where} does not have: {_some(unknown)} "
                                "(a checkpoint of another base model?)")
-        model.add_adapter(LoraConfig(r=rank, lora_alpha=OSEDIFF_LORA_ALPHA, init_lora_weights="gaussian", target_modules=sorted(set(targets))),
-                          adapter_name=adapter)
+        with warnings.catch_warnings():  # several adapters on one model is OSEDiff's design, not an accident
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            model.add_adapter(LoraConfig(r=rank, lora_alpha=OSEDIFF_LORA_ALPHA, init_lora_weights="gaussian",
+                                         target_modules=sorted(set(targets))), adapter_name=adapter)
     model.set_adapter(list(adapters))
 
 

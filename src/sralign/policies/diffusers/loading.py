@@ -158,20 +158,21 @@ ADD_TEXT_ENCODER = ("add the base model's tokenizer/ + text_encoder/ (for SD2.1-
                     "sralign convert gdpo-sr FOLDER --base SD21_BASE --out DIR)")
 
 
-def check_text_source(folder: Path, encoder: PromptEncoder | None, prompts: dict[str, str], fallback: str = "") -> None:
+def check_text_source(folder: Path, encoder: PromptEncoder | None, prompts: dict[str, str], fallback: str = "",
+                      need: str = "tokenizer/ + text_encoder/", how: str = ADD_TEXT_ENCODER) -> None:
     """A model folder without a text encoder gets zero text embeddings. That is refused while a
     prompt is configured (``prompts``: config key -> text), and warned about otherwise: the
     authors encode even the empty prompt, so zeros give other images than theirs.
-    ``fallback``: a precomputed source that replaces the encoder (nothing to check then)."""
+    ``fallback``: a precomputed source that replaces the encoder (nothing to check then);
+    ``need``: the folders it lacks; ``how``: how to add them."""
     if encoder is not None or fallback:
         return
     set_ = {k: v for k, v in prompts.items() if v}
     if set_:
         k, v = next(iter(set_.items()))
-        raise PolicyLoadError(f"{k}={v!r} is configured but {folder} has no tokenizer/ + text_encoder/ to encode it: "
-                              f"{ADD_TEXT_ENCODER}, or set {k}=''")
-    log.warning("%s has no tokenizer/ + text_encoder/: the model gets zero text embeddings, not the encoded empty prompt "
-                "the authors feed, so images differ from theirs; %s", folder, ADD_TEXT_ENCODER)
+        raise PolicyLoadError(f"{k}={v!r} is configured but {folder} has no {need} to encode it: {how}, or set {k}=''")
+    log.warning("%s has no %s: the model gets zero text embeddings, not the encoded empty prompt "
+                "the authors feed, so images differ from theirs; %s", folder, need, how)
 
 
 def check_prompts(prompts: list[str] | None, batch: int, encoder: PromptEncoder | None, where: str) -> None:

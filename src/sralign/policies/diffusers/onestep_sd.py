@@ -29,6 +29,7 @@ from ..base import Cond, Samples
 from .loading import (DTYPES, PromptEncoder, check_model_folder, check_precision, check_text_source, load_component, load_ddpm_scheduler,
                       prompt_encoder_or_none, rows_of, torch_dtype)
 from .lora import LoraPolicyMixin
+from .presets import Preset
 
 
 @dataclass
@@ -43,6 +44,16 @@ class OneStepSDConfig:
     dtype: str = ranged("fp32", choices=tuple(DTYPES))  # frozen UNet (+ text encoder) weights; LoRA stays fp32
     vae_dtype: str = ranged("fp32", choices=tuple(DTYPES))
     gradient_checkpointing: bool = True  # recompute UNet activations in backward (less memory, ~1.3x compute)
+
+
+PRESETS = {
+    "osediff": Preset(backend="osediff", paper="OSEDiff (test_osediff.py)", config=dict(t_noise=0.0, t_diff=0.999, dtype="fp16", vae_dtype="fp16"),
+                      sampler="onestep", steps=1, colorfix="adain", prompt_template="{tags}, {prompt},",
+                      notes="no noise added, UNet at t = 999; prompt = DAPE tags"),
+    "gdpo-sr": Preset(backend="osediff", paper="GDPO-SR / NAOSD (GDPOSR/inferences/test.py)", config=dict(t_noise=0.25, t_diff=0.10),
+                      sampler="onestep", steps=1, colorfix="adain", prompt_template="{tags}, {prompt},",
+                      prompt="clean, high-resolution, 8k", notes="noise added at 250, UNet at 100; prompt = DAPE tags"),
+}
 
 
 class _SDModules(nn.Module):
