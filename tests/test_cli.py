@@ -236,7 +236,7 @@ TRAIN_CASES = [
     ("dp2o", ["steps=1.5"], "steps must be an integer, got 1.5"),
     ("dgpo", ["fr_metrics=[]", "nr_metrics=[]"], "fr_metrics and nr_metrics are both empty"),
     ("dp2o", ["fr_metrics=psnr"], "fr_metrics must be a list"),
-    ("dgpo", ["nr_metrics=[brisquee]"], "nr_metrics names unknown metric 'brisquee'; valid: brisque, grad_fidelity"),
+    ("dgpo", ["nr_metrics=[brisquee]"], "nr_metrics names unknown metric 'brisquee'; valid: brisque, gmsd, grad_fidelity"),
     ("dp2o", ["method=dpo"], "--method dp2o but the config sets method=dpo"),
     ("dgpo", ["lr_set.n=0"], "lr_set.n must be in [1, inf), got 0"),
 ]

@@ -139,7 +139,7 @@ def test_string_for_a_list_is_never_read_letter_by_letter(tmp_path):
 
 def test_relations_and_boundaries_that_stay_valid():
     assert load_config(DGPOConfig, None, ["t_min=0.5", "t_max=0.5"]).t_min == 0.5  # t_min = t_max: a fixed t
-    assert load_config(DP2OConfig, None, ["fr_metrics=[]"]).nr_metrics == ["brisque", "sharpness"]  # NR-only reward
+    assert load_config(DP2OConfig, None, ["fr_metrics=[]"]).nr_metrics == ["gap:brisque", "gap:niqe_s"]  # NR-only reward
     assert load_config(DP2OConfig, None, ["nr_metrics=[pyiqa:musiq]"]).nr_metrics == ["pyiqa:musiq"]  # checked when loaded
     assert load_config(DGPOConfig, None, ["lr_set.hr_dir=.", "lr_set.split=mine"]).lr_set.split == "mine"
     assert load_config(GenerateConfig, None, ["m=2"]).m == 2

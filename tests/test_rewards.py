@@ -250,3 +250,135 @@ def test_texture_map_keeps_dtype_and_device_under_float64_default():
         assert torch.equal(texture_map(hr.double()).float(), want)
     finally:
         torch.set_default_dtype(prev)
+
+
+# ------------------------------------------------------------------ full-reference perceptual (GMSD, MS-SSIM)
+def _gmsd_numpy(a_rgb, b_rgb, c=170.0):
+    """GMSD as published (Xue et al. 2014, MATLAB recipe), written independently with scipy."""
+    from scipy.signal import convolve2d
+
+    def prep(x):
+        y = _y_np(x) * 255.0
+        y = convolve2d(y, np.ones((2, 2)) / 4, mode="full")[1:, 1:]  # MATLAB conv2(...,'same') for a 2x2 kernel
+        return y[::2, ::2]
+
+    dx = np.array([[1, 0, -1]] * 3, dtype=np.float64) / 3
+    mags = []
+    for x in (a_rgb, b_rgb):
+        y = prep(x)
+        gx, gy = convolve2d(y, dx, mode="same"), convolve2d(y, dx.T, mode="same")
+        mags.append(np.sqrt(gx**2 + gy**2))
+    gms = (2 * mags[0] * mags[1] + c) / (mags[0] ** 2 + mags[1] ** 2 + c)
+    return gms.std(ddof=1)
+
+
+def test_gmsd_matches_published_formula(photos):
+    g = torch.Generator().manual_seed(0)
+    noisy = (photos + 0.05 * torch.randn(photos.shape, generator=g)).clamp(0, 1)
+    k = torch.from_numpy(gaussian_kernel2d(21, 1.5, 1.5, 0.0)).float()[None].repeat(4, 1, 1)
+    blurred = filter2d(photos, k)
+    m = get_metric("gmsd")
+    assert m.kind == "FR" and not m.higher_is_better
+    for dist in (noisy, blurred):
+        ours = m(dist, photos)
+        for i in range(len(photos)):
+            assert abs(float(ours[i]) - _gmsd_numpy(dist[i], photos[i])) < 1e-5
+    assert torch.allclose(m(photos, photos), torch.zeros(4), atol=1e-7)
+    # stronger noise, larger deviation
+    worse = (photos + 0.15 * torch.randn(photos.shape, generator=g)).clamp(0, 1)
+    assert (m(worse, photos) > m(noisy, photos)).all()
+
+
+def test_ms_ssim_one_scale_is_ssim_and_identity_is_one(photos):
+    pytest.importorskip("torchmetrics")
+    from sralign.rewards.fullref import ms_ssim_y
+
+    g = torch.Generator().manual_seed(0)
+    noisy = (photos + 0.05 * torch.randn(photos.shape, generator=g)).clamp(0, 1)
+    # one scale is SSIM; torchmetrics reflect-pads the border where skimage's convention drops it
+    one, ref = ms_ssim_y(noisy, photos, scales=1), get_metric("ssim")(noisy, photos)
+    assert torch.allclose(one, ref, atol=0.02) and not torch.allclose(one, torch.ones(4), atol=0.05)
+    m = get_metric("ms_ssim")
+    assert torch.allclose(m(photos, photos), torch.ones(4), atol=1e-6)
+    assert (m(noisy, photos) < 0.99).all()
+    with pytest.raises(MetricError, match="ms_ssim with 3 scales needs images of at least 41x41"):
+        m(torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32))
+
+
+# ------------------------------------------------------------------ no-reference metrics read against the HR
+def test_gap_metric_hand_computed_and_hr_scored_once(photos):
+    from sralign.rewards.base import FunctionMetric
+    from sralign.rewards.relative import HRRelativeMetric
+
+    calls = []
+
+    def mean_y(x):
+        calls.append(x.shape[0])
+        return x.mean(dim=(1, 2, 3))
+
+    gap = HRRelativeMetric(FunctionMetric("mean", "NR", True, mean_y))
+    assert gap.name == "gap:mean" and gap.kind == "FR" and gap.side == "NR" and gap.higher_is_better
+    hr = torch.stack([torch.full((3, 8, 8), 0.5), torch.full((3, 8, 8), 0.2)]).repeat_interleave(3, 0)  # 2 groups of 3
+    sr = torch.stack([torch.full((3, 8, 8), v) for v in (0.5, 0.7, 0.1, 0.2, 0.0, 0.6)])
+    out = gap(sr, hr)
+    assert torch.allclose(out, torch.tensor([0.0, -0.2, -0.4, 0.0, -0.2, -0.4]), atol=1e-6)
+    assert calls == [6, 1, 1]  # SR batch once, each group's HR once
+    with pytest.raises(MetricError, match="gap:mean reads mean against the HR: pass hr"):
+        gap(sr)
+    with pytest.raises(MetricError, match="gap: takes a no-reference metric"):
+        get_metric("gap:psnr")
+    real = get_metric("gap:brisque")
+    assert torch.allclose(real(photos, photos), torch.zeros(4), atol=1e-4)
+    b = get_metric("brisque")
+    noisy = (photos + 0.05 * torch.randn(photos.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    assert torch.allclose(real(noisy, photos), -(b(noisy) - b(photos)).abs(), atol=1e-4)
+
+
+def test_hybrid_takes_gap_metrics_on_the_nr_side_and_needs_hr(photos):
+    h = HybridReward.from_names(["gmsd"], ["gap:brisque"])
+    assert [m.name for m in h.nr] == ["gap:brisque"]
+    with pytest.raises(MetricError, match="gap:brisque is a no-reference metric; list it under the NR set"):
+        HybridReward.from_names(["gap:brisque"], [])
+    with pytest.raises(MetricError, match="pass hr"):
+        HybridReward.from_names([], ["gap:brisque"])(photos[:1, None], None)
+
+
+def _distorted_versions(hr):
+    """Blurred (σ 1, 2), noised (σ 0.02, 0.05) and over-sharpened (unsharp mask 0.5, 1.5) copies."""
+    g = torch.Generator().manual_seed(3)
+    out = []
+    for s in (1.0, 2.0):
+        k = torch.from_numpy(gaussian_kernel2d(21, s, s, 0.0)).float()[None].repeat(hr.shape[0], 1, 1)
+        out.append(filter2d(hr, k))
+    for s in (0.02, 0.05):
+        out.append((hr + s * torch.randn(hr.shape, generator=g)).clamp(0, 1))
+    k = torch.from_numpy(gaussian_kernel2d(21, 1.5, 1.5, 0.0)).float()[None].repeat(hr.shape[0], 1, 1)
+    for a in (0.5, 1.5):
+        out.append((hr + a * (hr - filter2d(hr, k))).clamp(0, 1))
+    return out
+
+
+def test_default_reward_optimum_is_the_hr():
+    """The shipped default reward ranks the HR itself first among blurred, noised and over-sharpened
+    versions of it, on bundled crops of both splits."""
+    from sralign.rewards.hybrid import DEFAULT_FR, DEFAULT_NR
+    from sralign.train.offline_config import DP2OConfig
+    from sralign.train.online_config import OnlineConfig
+
+    assert list(DEFAULT_FR) == DP2OConfig().fr_metrics == OnlineConfig().fr_metrics
+    assert list(DEFAULT_NR) == DP2OConfig().nr_metrics == OnlineConfig().nr_metrics
+    assert "sharpness" not in DEFAULT_FR + DEFAULT_NR
+    hr = torch.stack([center_crop(img, 64) for _, img in load_bundled("train")[:6] + load_bundled("heldout")])
+    group = torch.stack([hr, *_distorted_versions(hr)], 1)  # [n, 7, 3, 64, 64], HR first
+    out = HybridReward.from_names(list(DEFAULT_FR), list(DEFAULT_NR))(group, hr)
+    assert torch.allclose(out.total[:, 0], torch.ones(len(hr)))  # every term at its best
+    assert (out.total[:, 1:] < 1 - 1e-3).all()
+
+
+def test_configs_take_gap_metrics_on_the_nr_side_only():
+    from sralign.config import ConfigError, load_config
+    from sralign.train.offline_config import DP2OConfig
+
+    assert load_config(DP2OConfig, None, ["nr_metrics=[gap:sharpness,gap:pyiqa:musiq]"]).nr_metrics == ["gap:sharpness", "gap:pyiqa:musiq"]
+    with pytest.raises(ConfigError, match="fr_metrics lists 'gap:brisque', a no-reference metric; it belongs in the NR list"):
+        load_config(DP2OConfig, None, ["fr_metrics=[gap:brisque]"])

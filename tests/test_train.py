@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from sralign.data.store import CandidateStore
 from sralign.policies import load_policy
 from sralign.rewards.base import MetricError
+from sralign.rewards.hybrid import DEFAULT_FR, DEFAULT_NR
 from sralign.train.candidates import GenerateConfig, LRSetConfig, generate, score_store
 from sralign.train.offline import OfflineTrainer
 from sralign.train.offline_config import DP2OConfig
@@ -24,7 +25,7 @@ def scored_store(tmp_path_factory, policy_dir):  # noqa: F811
     d = tmp_path_factory.mktemp("st") / "store"
     st = CandidateStore(d, create=True)
     generate(st, load_policy(str(policy_dir)), GenerateConfig(m=8, steps=2, lr_set=LRSetConfig(n=3, patch=32)), progress=False)
-    score_store(st, ["psnr", "grad_fidelity", "brisque", "sharpness"], progress=False)
+    score_store(st, [*DEFAULT_FR, *DEFAULT_NR], progress=False)  # the default reward's metrics
     return d
 
 

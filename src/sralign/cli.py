@@ -478,7 +478,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .eval.run import EvalConfig, run_eval
+    from .eval.run import EvalConfig, run_eval, run_sampler
 
     from .config import load_config
 
@@ -498,7 +498,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     pol: object = pol_dir
     if preset is not None or settings or args.policy_config or args.dtype:
         pol = _policy(str(pol_dir), preset=args.preset, settings=settings, policy_config=args.policy_config, dtype=args.dtype)
-    sampler = args.sampler or (preset.sampler if preset is not None else None)
+    sampler = args.sampler or (preset.sampler if preset is not None else None) or run_sampler(target)
     run_eval({target.name: pol}, cfg, out, progress=not args.quiet, run_dirs={target.name: target},
              samplers={target.name: sampler} if sampler else None)
     print(f"wrote {out / 'eval.json'} and {out / 'report.html'}")

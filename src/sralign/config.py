@@ -96,17 +96,18 @@ def check_metric_names(key: str, names: list[str], kind: str | None = None) -> s
     for n in names:
         if not isinstance(n, str) or not n.strip():
             return f"{key} holds an empty metric name; valid: {', '.join(list_metrics())} or pyiqa:NAME"
-        if n.strip().lower().startswith("pyiqa:"):
-            if not n.strip()[len("pyiqa:"):]:
+        if n.strip().lower().startswith(("pyiqa:", "gap:pyiqa:")):
+            if not n.strip().lower().split("pyiqa:", 1)[1]:
                 return f"{key}: {n!r} names no pyiqa metric (pyiqa:NAME, e.g. pyiqa:musiq)"
             continue
         try:
             m = get_metric(n)
         except MetricError:
             return f"{key} names unknown metric {n!r}; valid: {', '.join(list_metrics())} or pyiqa:NAME"
-        if kind is not None and m.kind != kind:
-            other = "no-reference" if m.kind == "NR" else "full-reference"
-            return f"{key} lists {n!r}, a {other} metric; it belongs in the {m.kind} list"
+        side = getattr(m, "side", m.kind)  # gap:NAME needs the HR but belongs to the NR side
+        if kind is not None and side != kind:
+            other = "no-reference" if side == "NR" else "full-reference"
+            return f"{key} lists {n!r}, a {other} metric; it belongs in the {side} list"
     return None
 
 

@@ -1,8 +1,11 @@
 """``sralign demo``: the main job on the embedded default, end to end.
 
 Shipped tiny policy -> bundled photographs, degraded -> M candidates per LR (reference) ->
-scored with the built-in hybrid reward -> DP²O-SR and Diffusion-DPO (offline) -> GDPO-SR and
-DGPO (online) -> Best@M / Mean@M / Worst@M evaluation on held-out photographs -> report.html.
+scored with the built-in hybrid reward (every term optimal at the HR: GMSD, gradient-energy
+ratio, BRISQUE and NIQE-s gaps to the HR) -> DP²O-SR and Diffusion-DPO (offline) -> GDPO-SR and
+DGPO (online) -> Best@M / Mean@M / Worst@M evaluation on held-out photographs, with held-out
+PSNR / SSIM, the HR's own no-reference scores, bicubic, sharpness and smooth-region noise
+relative to the HR and reward-hacking flags -> report.html.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .data.store import CandidateStore
-from .eval.report import format_table
+from .eval.report import format_deltas, format_table
 from .eval.run import EvalConfig, run_eval
 from .policies import load_policy
 from .train.candidates import GenerateConfig, LRSetConfig, generate, generation_key_id, score_store
@@ -110,11 +113,13 @@ def run_demo(out: str | Path, quick: bool = False, progress: bool = True, config
     phase("eval + report")
     timing["total"] = round(time.time() - t_all, 1)
     summary = {"timing_s": timing, "peak_rss_mb": round(peak_rss_mb(), 1), "report": str(out / "report.html"),
-               "table": format_table(result)}
+               "table": format_table(result), "vs_reference": format_deltas(result)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     if progress:
         print()
         print(summary["table"])
+        print()
+        print(summary["vs_reference"])
         print(f"\n[demo] total {timing['total']} s, peak RSS {summary['peak_rss_mb']} MB")
         print(f"[demo] report: {out / 'report.html'}")
     return summary

@@ -11,13 +11,16 @@ import contextlib
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..policies.base import STOCHASTIC_SAMPLERS, SRPolicy, condition_captioned
 from ..rewards.hybrid import HybridReward, score_group
 from ..rewards.registry import get_metric
+from ..rewards.relative import side_of
 from ..train.candidates import candidate_noise
+from .hacking import HackingThresholds, hacking_flags, hr_relative_stats
 
 
 @torch.no_grad()
@@ -63,6 +66,12 @@ class EvalResult:
     metrics: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # metric -> policy -> stats
     win_rate: dict[str, float] = field(default_factory=dict)
     samplers: dict[str, str] = field(default_factory=dict)
+    # reward-hacking diagnostics (eval.hacking): per row incl. "bicubic"
+    stats: dict[str, dict[str, float]] = field(default_factory=dict)  # row -> {"sharp/HR", "noise/HR"}
+    hr_values: dict[str, float] = field(default_factory=dict)  # no-reference metric -> the HR's own mean score
+    bicubic: dict[str, float] = field(default_factory=dict)  # metric -> bicubic upsampling's mean score
+    flags: dict[str, list[str]] = field(default_factory=dict)  # aligned row -> reasons (empty: none)
+    thresholds: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -89,10 +98,14 @@ def evaluate_policies(
     seed: int = 1000,
     progress: bool = False,
     prompts: list[str | None] | None = None,
+    thresholds: HackingThresholds | None = None,
 ) -> tuple[EvalResult, dict[str, Tensor]]:
     """Sample M seeds per held-out LR for every spec; reward curves and per-metric statistics.
 
     The reward is normalised per LR over all specs' samples pooled, so rows share one scale.
+    Beside the policies: the HR's own no-reference scores, bicubic upsampling's scores, each
+    row's sharpness and smooth-region noise relative to the HR, and the hacking flags of every
+    row that has a baseline (``eval.hacking``).
     Returns the result and the samples ({label: [n,M,3,H,W]}).
     """
     samples = {}
@@ -128,4 +141,24 @@ def evaluate_policies(
                 "higher_is_better": metric.higher_is_better, "in_reward": metric.name in reward.names,
             }
     res.samplers = {k: sp.sampler for k, sp in specs.items()}
+    all_metrics = [*reward.metrics, *extra]
+    # the truth's own no-reference scores (a gap: metric is 0 there by construction)
+    nr = [mt for mt in all_metrics if mt.kind == "NR"]
+    hr_raw = score_group(nr, hr[:, None], None) if nr else {}
+    res.hr_values = {k: float(v.mean()) for k, v in hr_raw.items()}
+    res.hr_values.update({mt.name: 0.0 for mt in all_metrics if mt.kind == "FR" and side_of(mt) == "NR"})
+    # bicubic upsampling of the same LR: the floor a generative policy must beat in fidelity
+    scale = hr.shape[-1] // lr.shape[-1]
+    bic = F.interpolate(lr.float(), scale_factor=scale, mode="bicubic", align_corners=False).clamp(0, 1)[:, None]
+    res.bicubic = {k: float(v.mean()) for k, v in score_group(all_metrics, bic, hr).items()}
+    for k in names:
+        res.stats[k] = hr_relative_stats(samples[k], hr)
+    res.stats["bicubic"] = hr_relative_stats(bic, hr)
+    th = thresholds or HackingThresholds()
+    res.thresholds = asdict(th)
+    nr_names = [mt.name for mt in all_metrics if side_of(mt) == "NR"]
+    fidelity = {f: f for f in ("psnr", "ssim") if f in res.metrics}
+    for k, sp in specs.items():
+        if sp.baseline is not None:
+            res.flags[k] = hacking_flags(res.metrics, res.stats, k, sp.baseline, nr_names, fidelity, th)
     return res, samples

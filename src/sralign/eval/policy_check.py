@@ -10,7 +10,9 @@ from torch import Tensor
 from ..data.degradation import SimpleDegradationConfig, simple_degradation
 from ..data.images import center_crop, load_bundled
 from ..policies.base import SRPolicy
+from ..rewards.builtin import ssim_y
 from ..rewards.functional import mean_gradient, psnr_y
+from .hacking import hr_relative_stats
 
 
 def heldout_pairs(scale: int = 4, size: int = 128, seed: int = 1234) -> tuple[list[str], Tensor, Tensor]:
@@ -33,6 +35,12 @@ class PolicyCheck:
     seed_std_onestep: float
     seeds: int
     steps: int
+    ssim_bicubic: float = float("nan")
+    ssim_ode: float = float("nan")
+    ssim_onestep: float = float("nan")
+    noise_ratio_bicubic: float = float("nan")  # high-pass energy in the HR's smooth regions / HR's (eval.hacking)
+    noise_ratio_ode: float = float("nan")
+    noise_ratio_onestep: float = float("nan")
 
 
 @torch.no_grad()
@@ -68,5 +76,11 @@ def check_policy(policy: SRPolicy, hr: Tensor, lr: Tensor, seeds: int = 8, steps
         seed_std_onestep=float(out["onestep"].std(dim=1).mean()),
         seeds=seeds,
         steps=steps,
+        ssim_bicubic=float(ssim_y(out["bicubic"], hr, border).mean()),
+        ssim_ode=float(ssim_y(out["ode"].flatten(0, 1), hr_rep, border).mean()),
+        ssim_onestep=float(ssim_y(out["onestep"].flatten(0, 1), hr_rep, border).mean()),
+        noise_ratio_bicubic=hr_relative_stats(out["bicubic"][:, None], hr)["noise/HR"],
+        noise_ratio_ode=hr_relative_stats(out["ode"], hr)["noise/HR"],
+        noise_ratio_onestep=hr_relative_stats(out["onestep"], hr)["noise/HR"],
     )
     return fig, out

@@ -13,7 +13,12 @@ def _img_tag(path: Path, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}" style="max-width:100%">'
 
 
+STAT_COLS = ("sharp/HR", "noise/HR")
+
+
 def summary_rows(result) -> list[dict]:
+    """One row per policy, then "bicubic" and "HR" (metrics only: the truth's own no-reference
+    scores, the floor bicubic upsampling sets)."""
     rows = []
     for name, cur in result.reward.items():
         row = {
@@ -27,21 +32,39 @@ def summary_rows(result) -> list[dict]:
         }
         for metric, per in result.metrics.items():
             row[metric] = per[name]["mean"]
+        row.update(getattr(result, "stats", {}).get(name, {}))
+        if name in getattr(result, "flags", {}):
+            row["hacking flags"] = "; ".join(result.flags[name]) if result.flags[name] else "none"
         rows.append(row)
+    if getattr(result, "bicubic", None):
+        rows.append({"policy": "bicubic", **result.bicubic, **result.stats.get("bicubic", {})})
+    if getattr(result, "stats", None):
+        rows.append({"policy": "HR", **result.hr_values, "sharp/HR": 1.0, "noise/HR": 1.0})
     return rows
+
+
+def column_tag(result, metric: str) -> str:
+    """"" for a reward metric, "(held-out)" for one no method trained on, "(gap in reward)" for
+    a raw no-reference metric whose gap to the HR is trained."""
+    if metric in result.reward_names:
+        return ""
+    if f"gap:{metric}" in result.reward_names:
+        return " (gap in reward)"
+    return " (held-out)"
 
 
 def format_table(result, markdown: bool = True) -> str:
     rows = summary_rows(result)
     metric_cols = list(result.metrics)
-    cols = ["policy", "sampler", "Mean@M", "Best@M", "Worst@M", "std/img", "win rate", *metric_cols]
+    stat_cols = [c for c in STAT_COLS if any(c in r for r in rows)]
+    flag_cols = ["hacking flags"] if getattr(result, "flags", None) else []
+    cols = ["policy", "sampler", "Mean@M", "Best@M", "Worst@M", "std/img", "win rate", *metric_cols, *stat_cols, *flag_cols]
 
     def head(c):
         if c in result.metrics:
             any_row = next(iter(result.metrics[c].values()))
             arrow = "↑" if any_row["higher_is_better"] else "↓"
-            tag = "" if any_row["in_reward"] else " (held-out)"
-            return f"{c}{arrow}{tag}"
+            return f"{c}{arrow}{column_tag(result, c)}"
         return c
 
     def fmt(v):
@@ -55,13 +78,74 @@ def format_table(result, markdown: bool = True) -> str:
     return "\n".join(lines)
 
 
+def delta_rows(result) -> list[dict]:
+    """Each aligned policy against its reference (same sampler and seeds): changes of the reward's
+    Mean@M / Worst@M / per-image std and of the held-out fidelity metrics, sharpness and noise
+    relative to the HR, and the hacking flags — the figures a claim of improvement rests on."""
+    rows = []
+    for name, reasons in getattr(result, "flags", {}).items():
+        ref = next((r for r in result.reward if r.startswith("reference (") and result.samplers.get(r) == result.samplers.get(name)), None)
+        if ref is None:
+            continue
+        cur, base = result.reward[name], result.reward[ref]
+        row = {"policy": name, "vs": ref, "ΔMean@M": cur["mean"][-1] - base["mean"][-1], "ΔWorst@M": cur["worst"][-1] - base["worst"][-1],
+               "Δstd/img": result.reward_std[name] - result.reward_std[ref]}
+        for f in ("psnr", "ssim"):
+            if f in result.metrics:
+                row[f"Δ{f}"] = result.metrics[f][name]["mean"] - result.metrics[f][ref]["mean"]
+        row.update({k: result.stats[name][k] for k in STAT_COLS})
+        row["hacking flags"] = "; ".join(reasons) if reasons else "none"
+        rows.append(row)
+    return rows
+
+
+def format_deltas(result) -> str:
+    rows = delta_rows(result)
+    if not rows:
+        return ""
+    cols = list(rows[0])
+
+    def fmt(v):
+        return f"{v:+.4f}" if isinstance(v, float) and not isinstance(v, bool) else str(v)
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(fmt(r.get(c)) if not c.endswith("/HR") else f"{r[c]:.3f}" for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def legend(result) -> str:
+    """What the diagnostic columns and flags mean, with the thresholds used."""
+    th = getattr(result, "thresholds", None)
+    if not th:
+        return ""
+    return (f"sharp/HR: mean Sobel gradient energy over the HR's (1 = as sharp as the truth). noise/HR: high-pass "
+            f"energy inside the HR's smooth regions (attribute reward's texture map, eroded 2 px) over the HR's. "
+            f"Rows bicubic and HR: bicubic upsampling of the same LR, and the HR crops themselves (no-reference "
+            f"scores only; gap: metrics are 0 there). A policy is flagged when, against its reference at equal seeds, a "
+            f"no-reference metric improves by more than {th['nr_gain']:.0%} while held-out PSNR falls by more than "
+            f"{th['psnr_drop_db']} dB or SSIM by more than {th['ssim_drop']}, or when sharp/HR exceeds {th['sharp_max']} "
+            f"or noise/HR exceeds {th['noise_max']} (and its reference's).")
+
+
+def _html_table(table_md: str, title: str) -> str:
+    if not table_md:
+        return ""
+    rows = table_md.splitlines()
+    th = "".join(f"<th>{html.escape(c.strip())}</th>" for c in rows[0].strip("|").split("|"))
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in r.strip("|").split("|")) + "</tr>" for r in rows[2:])
+    return f"<h2>{html.escape(title)}</h2><table><tr>{th}</tr>{body}</table>"
+
+
 def write_report(out: str | Path, result, figures: dict[str, Path], meta: dict) -> tuple[Path, Path]:
     """Write ``report.html`` and ``report.md`` into ``out``. ``figures``: title -> PNG path
     (inside ``out``); ``meta``: config and timing to print."""
     out = Path(out)
     table_md = format_table(result)
     md = ["# sralign report\n", f"M = {result.m} seeds per held-out LR image; reward = {', '.join(result.reward_names)}; "
-          f"held-out metrics: {', '.join(result.heldout_metrics) or 'none'}.\n", table_md, ""]
+          f"held-out metrics: {', '.join(result.heldout_metrics) or 'none'}.\n", table_md, "", legend(result), ""]
+    if format_deltas(result):
+        md += ["Each aligned policy against its reference:\n", format_deltas(result), ""]
     for title, p in figures.items():
         md += [f"## {title}\n", f"![{title}]({p.name})\n"]
     md += ["## Run\n", "```json", json.dumps(meta, indent=2, default=str), "```"]
@@ -83,6 +167,8 @@ th{{background:#f3f3f3}}pre{{background:#f6f6f6;padding:1em;overflow:auto;font-s
 Held-out metrics (not trained on): {html.escape(', '.join(result.heldout_metrics) or 'none')}.
 ↑/↓: higher/lower is better. Win rate: share of (image, seed) where the policy beats its baseline at equal seed.</p>
 <table><tr>{th}</tr>{body}</table>
+<p>{html.escape(legend(result))}</p>
+{_html_table(format_deltas(result), "Each aligned policy against its reference")}
 {figs}
 <h2>Run</h2><pre>{html.escape(json.dumps(meta, indent=2, default=str))}</pre>
 </body></html>"""

@@ -11,22 +11,29 @@ import torch
 
 from ..config import check_metric_names, ranged, validate
 from ..policies import load_policy
-from ..rewards.hybrid import HybridReward
+from ..rewards.hybrid import DEFAULT_FR, DEFAULT_NR, HybridReward
 from ..train.candidates import LRSetConfig, make_lr_set
 from .bestof import PolicySpec, evaluate_policies
 from .grid import save_grid
+from .hacking import HackingThresholds
 from .plots import plot_bestof, plot_training
 from .report import format_table, write_report
 
 
 @dataclass
 class EvalConfig:
+    """``sralign eval``: M seeds per held-out LR, the reward the methods trained on
+    (``fr_metrics`` / ``nr_metrics``, the training default unless told), ``heldout_metrics``
+    that no method trained on (PSNR and SSIM: fidelity; raw BRISQUE / NIQE-s shown beside the
+    HR's own values), and the ``hacking`` thresholds that flag a policy."""
+
     m: int = ranged(16, ge=1)
     steps: int = ranged(10, ge=1, le=1000)
     seed: int = ranged(1000, ge=0)
-    fr_metrics: list[str] = field(default_factory=lambda: ["psnr", "grad_fidelity"])
-    nr_metrics: list[str] = field(default_factory=lambda: ["brisque", "sharpness"])
-    heldout_metrics: list[str] = field(default_factory=lambda: ["ssim", "niqe_s"])
+    fr_metrics: list[str] = field(default_factory=lambda: list(DEFAULT_FR))
+    nr_metrics: list[str] = field(default_factory=lambda: list(DEFAULT_NR))
+    heldout_metrics: list[str] = field(default_factory=lambda: ["psnr", "ssim", "brisque", "niqe_s"])
+    hacking: HackingThresholds = field(default_factory=HackingThresholds)
     lr_set: LRSetConfig = field(default_factory=lambda: LRSetConfig(split="heldout", n=8, patch=64, seed=123))
     grid_images: int = ranged(3, ge=1)
     grid_seeds: int = ranged(3, ge=1)
@@ -36,6 +43,18 @@ class EvalConfig:
             return "fr_metrics and nr_metrics are both empty; the reward needs at least one metric"
         return (check_metric_names("fr_metrics", self.fr_metrics, "FR") or check_metric_names("nr_metrics", self.nr_metrics, "NR")
                 or check_metric_names("heldout_metrics", self.heldout_metrics))
+
+
+def run_sampler(run_dir: str | Path) -> str:
+    """The sampler a training run aligned (its ``config.yaml``; ``ode`` for offline runs)."""
+    p = Path(run_dir) / "config.yaml"
+    if p.is_file():
+        import yaml
+
+        cfg = yaml.safe_load(p.read_text()) or {}
+        if isinstance(cfg, dict) and isinstance(cfg.get("sampler"), str):
+            return cfg["sampler"]
+    return "ode"
 
 
 def heldout_set(cfg: EvalConfig) -> tuple[list[str], torch.Tensor, torch.Tensor, list[str | None]]:
@@ -77,7 +96,7 @@ def run_eval(
             specs[ref_label] = PolicySpec(policy, use_reference=True, sampler=sampler, steps=steps)
         specs[label] = PolicySpec(policy, sampler=sampler, steps=steps, baseline=ref_label)
     result, samples = evaluate_policies(specs, hr, lr, reward, cfg.heldout_metrics, m=cfg.m, seed=cfg.seed, progress=progress,
-                                        prompts=prompts)
+                                        prompts=prompts, thresholds=cfg.hacking)
     (out / "eval.json").write_text(json.dumps(result.to_dict(), indent=1))
     figures = {"Best@M / Mean@M / Worst@M": plot_bestof(result, out / "bestof.png")}
     # image grids: LR | reference seeds | aligned seeds | HR, per image, one grid per aligned policy

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from .base import Metric, MetricError, RewardOut
 from .registry import get_metric
+from .relative import needs_hr, side_of
 
 
 def check_finite(name: str, scores: Tensor) -> Tensor:
@@ -43,6 +44,13 @@ def score_group(metrics: list[Metric], sr: Tensor, hr: Tensor | None) -> dict[st
     return out
 
 
+# The built-in default reward (no downloads). Every term is optimal at SR = HR: GMSD and the
+# gradient-energy ratio are full-reference, BRISQUE and NIQE-s are read as the gap to the HR's
+# own score. PSNR and SSIM stay out of it, so an evaluation can hold them out as fidelity checks.
+DEFAULT_FR = ("gmsd", "grad_fidelity")
+DEFAULT_NR = ("gap:brisque", "gap:niqe_s")
+
+
 @dataclass
 class HybridReward:
     """DP²O-SR's hybrid reward: R = w_fr·mean(norm FR) + w_nr·mean(norm NR).
@@ -50,7 +58,9 @@ class HybridReward:
     Each metric is direction-aligned and min-max normalised *within each LR's group*. With only
     FR (or only NR) metrics the reward is that side's mean. ``metric_weights`` weight metrics
     inside their side (default 1 each). Paper: FR = LPIPS, TOPIQ-FR, A-FINE-FR; NR = MANIQA,
-    MUSIQ, CLIPIQA+, TOPIQ-NR, A-FINE-NR, Q-Align; the built-in default needs no downloads.
+    MUSIQ, CLIPIQA+, TOPIQ-NR, A-FINE-NR, Q-Align. The built-in default (``DEFAULT_FR`` /
+    ``DEFAULT_NR``) needs no downloads and has its optimum at the HR: every term is best at
+    SR = HR (the NR half reads BRISQUE and NIQE-s against the HR's own scores, ``gap:``).
     """
 
     fr: list[Metric] = field(default_factory=list)
@@ -63,10 +73,10 @@ class HybridReward:
     def from_names(cls, fr: list[str], nr: list[str], **kw) -> "HybridReward":
         fm, nm = [get_metric(n) for n in fr], [get_metric(n) for n in nr]
         for m in fm:
-            if m.kind != "FR":
+            if side_of(m) != "FR":
                 raise MetricError(f"{m.name} is a no-reference metric; list it under the NR set")
         for m in nm:
-            if m.kind != "NR":
+            if side_of(m) != "NR":
                 raise MetricError(f"{m.name} is a full-reference metric; list it under the FR set")
         return cls(fm, nm, **kw)
 
@@ -79,8 +89,8 @@ class HybridReward:
         return [m.name for m in self.metrics]
 
     def __call__(self, sr: Tensor, hr: Tensor | None = None) -> RewardOut:
-        if self.fr and hr is None:
-            raise MetricError("the hybrid reward has FR metrics: pass hr, or use NR metrics only")
+        if hr is None and any(needs_hr(m) for m in self.metrics):
+            raise MetricError("the hybrid reward has FR (or gap:) metrics: pass hr, or use raw NR metrics only")
         return self.from_scores(score_group(self.metrics, sr, hr))
 
     def from_scores(self, raw: dict[str, Tensor]) -> RewardOut:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import check_metric_names, ranged
+from ..rewards.hybrid import DEFAULT_FR, DEFAULT_NR
 
 
 @dataclass
@@ -18,7 +19,9 @@ class DP2OConfig:
     > Data
     method: "dp2o" (top-N × bottom-N pairs, HPO weights) or "dpo" (best vs worst, weight 1).
     n: N, the top/bottom count per group (2N ≤ M).
-    fr_metrics / nr_metrics: the hybrid reward's sets (built-in names or pyiqa:NAME).
+    fr_metrics / nr_metrics: the hybrid reward's sets (built-in names, pyiqa:NAME, gap:NAME).
+      Default: GMSD + gradient-energy ratio | BRISQUE and NIQE-s read against the HR (gap:),
+      every term optimal at SR = HR (``rewards.hybrid.DEFAULT_FR/NR``).
     store_key: which generation key of the store to train on (a hash prefix, as `train`
     lists them); empty: the store's only key.
 
@@ -34,8 +37,8 @@ class DP2OConfig:
 
     method: str = ranged("dp2o", choices=("dp2o", "dpo"))
     n: int = ranged(4, ge=1)
-    fr_metrics: list[str] = ranged(default_factory=lambda: ["psnr", "grad_fidelity"])
-    nr_metrics: list[str] = ranged(default_factory=lambda: ["brisque", "sharpness"])
+    fr_metrics: list[str] = ranged(default_factory=lambda: list(DEFAULT_FR))
+    nr_metrics: list[str] = ranged(default_factory=lambda: list(DEFAULT_NR))
     store_key: str = ""
     beta: float = ranged(5000.0, gt=0)
     lr: float = ranged(1e-4, gt=0)

@@ -15,6 +15,7 @@ from ..config import check_metric_names, ranged
 from ..losses.grpo import KL_FORMS
 from ..rewards.attribute import TEXTURE_RULES
 from ..policies.base import SAMPLERS
+from ..rewards.hybrid import DEFAULT_FR, DEFAULT_NR
 from .candidates import LRSetConfig
 
 PRESETS = ("sralign", "authors")
@@ -70,8 +71,8 @@ class OnlineConfig:
     warmup: int = ranged(5, ge=0)
     weight_decay: float = ranged(0.0, ge=0)
     reward: str = ranged("hybrid", choices=("hybrid", "attribute"))
-    fr_metrics: list[str] = field(default_factory=lambda: ["psnr", "grad_fidelity"])
-    nr_metrics: list[str] = field(default_factory=lambda: ["brisque", "sharpness"])
+    fr_metrics: list[str] = field(default_factory=lambda: list(DEFAULT_FR))
+    nr_metrics: list[str] = field(default_factory=lambda: list(DEFAULT_NR))
     rollout_from: str = ranged("ema", choices=("reference", "ema", "policy"))
     sampler: str = ranged("ode", choices=SAMPLERS)
     steps: int = ranged(4, ge=1, le=1000)
@@ -141,7 +142,8 @@ class GDPOConfig(OnlineConfig):
     group: int = 6
     beta: float | None = ranged(None, gt=0)
     reward: str = "attribute"
-    nr_metrics: list[str] = field(default_factory=lambda: ["brisque", "sharpness"])
+    # the attribute reward's texture side scores raw NR metrics (no HR passed to them)
+    nr_metrics: list[str] = field(default_factory=lambda: ["brisque", "niqe_s"])
     rollout_from: str = "reference"
     sampler: str = "onestep"
     steps: int = 1
