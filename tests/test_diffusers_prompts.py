@@ -168,7 +168,9 @@ def test_captions_of_your_hr_folder_reach_every_trainer_and_eval(sd_text_folder,
     seen.clear()
     OfflineTrainer(pol, st, DP2OConfig(steps=1, batch_pairs=4, n=1, fr_metrics=["psnr"], nr_metrics=["sharpness"]), tmp_path / "dp2o").train(progress=False)
     offline = [p for p in seen if p is not None]
-    assert offline and all(len(p) == 8 and p[:4] == p[4:] for p in offline)  # winners and losers share captions
+    # one condition per distinct LR image of a batch (winners and losers share it), with that LR's caption
+    assert offline and all(1 <= len(p) <= 4 and set(p) <= (captions | {""}) for p in offline)
+    assert any("a photo of a cat" in p for p in offline)
     seen.clear()
     OnlineTrainer(pol, GDPOConfig(steps_total=2, batch_lr=2, group=2, reward="hybrid", fr_metrics=["psnr"], nr_metrics=["sharpness"],
                                   lr_set=lr_set), tmp_path / "gdpo").train(progress=False)

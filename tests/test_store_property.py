@@ -32,9 +32,13 @@ def _cfg(key: int, m: int) -> GenerateConfig:
 
 
 def _generate_child(root: str, policy_dir: str, key: int, m: int) -> None:
+    """Generate, then keep adding seeds (M += 2 per round) until killed: the kill always lands
+    while this writer is running, whatever the machine's speed."""
     torch.set_num_threads(1)
     st = CandidateStore(root, repair=False)
-    generate(st, load_policy(policy_dir), _cfg(key, m), progress=False)
+    policy = load_policy(policy_dir)
+    for mm in range(m, 400, 2):
+        generate(st, policy, _cfg(key, mm), progress=False)
     os._exit(0)
 
 

@@ -249,16 +249,17 @@ def test_gdpo_beta_depends_on_the_backend():
     assert gdpo_beta(GDPOConfig(beta=30.0), _SD()) == 30.0
 
 
-def _grads(tr):
+def _trainer_grads(tr):
     return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in tr.policy.trainable_parameters()])
 
 
 def _one_batch(tr):
     c = tr.cfg
     idx = torch.randint(len(tr.ids), (c.batch_lr,), generator=tr.gen).tolist()
-    cond = tr.policy.condition(tr.lr[idx])
+    _, lr, hr, _ = tr.data.batch(idx)
+    cond = tr.policy.condition(lr.to(tr.accel.device))
     samples = tr.rollout(cond, len(idx))
-    adv = tr.advantages(tr.score(samples.images, idx).total)
+    adv = tr.advantages(tr.score(samples.images, idx, hr.to(tr.accel.device)).total)
     return cond, samples, adv
 
 
@@ -286,13 +287,13 @@ def test_micro_batched_gradients_equal_one_shot(tmp_path, policy_dir, cfg_cls, p
     state = tr.gen.get_state()
     tr.opt.zero_grad(set_to_none=True)
     loss1, st1 = tr.loss(cond, samples, adv, rows)
-    g1 = _grads(tr).clone()
+    g1 = _trainer_grads(tr).clone()
     tr.gen.set_state(state)
     tr.cfg.micro_batch = mb
     assert len(tr._chunks(8, rows)) > 1
     tr.opt.zero_grad(set_to_none=True)
     loss2, st2 = tr.loss(cond, samples, adv, rows)
-    g2 = _grads(tr)
+    g2 = _trainer_grads(tr)
     assert g1.norm() > 0
     assert float((g1 - g2).norm() / g1.norm()) <= 1e-6
     assert abs(float(loss1) - float(loss2)) <= 1e-5 * max(1.0, abs(float(loss1)))

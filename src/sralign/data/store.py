@@ -744,6 +744,19 @@ class CandidateStore:
             raise StoreError(f"{self.root}: no candidate {cid} (the store changed since the pairs were built?)")
         return Candidate(*row)
 
+    def check_candidate(self, c: Candidate | int) -> None:
+        """Cheap check before work: the candidate's file is named like this store's own, inside
+        it, present and not a symlink (its sha256 is checked when it is read). ``BlobError``
+        names it otherwise."""
+        if not isinstance(c, Candidate):
+            c = self.candidate(c)
+        where = f"candidate {c.cid}: LR {c.lr_id}, seed {c.seed}"
+        path = self._blob_path(c.sha256, c.path, where)
+        if os.path.islink(path):
+            raise BlobError(f"{path} ({where}) is a symbolic link; a store holds only its own files (refusing to follow it)", c.sha256)
+        if not os.path.isfile(path):
+            raise BlobError(f"{path} ({where}) is missing; `sralign generate` with the same settings regenerates it", c.sha256)
+
     def read_candidate(self, c: Candidate | int) -> Tensor:
         """A candidate's image [3,H,W] in [0,1], its file checked (``BlobError`` names it)."""
         if not isinstance(c, Candidate):

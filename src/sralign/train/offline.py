@@ -54,6 +54,8 @@ class OfflineTrainer:
         # images are read from the store per micro-batch (8-bit PNGs): nothing is cached as float
         # (sha256-checked reads, once per file per process; all pairs share one generation key)
         self._key = self.pairs[0].key_id
+        for cid in sorted({cid for p in self.pairs for cid in (p.cid_w, p.cid_l)}):
+            store.check_candidate(cid)  # every pair's file present and inside the store before the first step
         self._lr_cache: OrderedDict[str, torch.Tensor] = OrderedDict()  # recent LR images, uint8
         policy.freeze_reference()
         self.accel = Accel(cfg.mixed_precision)
