@@ -406,20 +406,27 @@ class CandidateStore:
             self._journal_fd = fd
         return self._journal_fd
 
-    def _blob_ok(self, sha: str, path: Path, where: str) -> bool:
-        """True when ``path`` is a regular file holding bytes with this sha256; False when it
-        is missing or altered. A symlink raises."""
+    @staticmethod
+    def _read_own(path: Path, sha: str, where: str) -> bytes | None:
+        """The bytes of ``path`` without following a symlink (``BlobError`` naming it), or None
+        when it is missing."""
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
         except FileNotFoundError:
-            return False
+            return None
         except OSError as e:
             if e.errno == errno.ELOOP:
                 raise BlobError(f"{path} ({where}) is a symbolic link; a store holds only its own files "
-                                f"(refusing to follow it) — remove the link", sha) from None
+                                f"(refusing to follow it)", sha) from None
             raise
         with os.fdopen(fd, "rb") as f:
-            ok = hashlib.sha256(f.read()).hexdigest() == sha
+            return f.read()
+
+    def _blob_ok(self, sha: str, path: Path, where: str) -> bool:
+        """True when ``path`` is a regular file holding bytes with this sha256; False when it
+        is missing or altered. A symlink raises."""
+        data = self._read_own(path, sha, where)
+        ok = data is not None and hashlib.sha256(data).hexdigest() == sha
         if ok:
             self._verified.add(sha)
         return ok
@@ -474,18 +481,9 @@ class CandidateStore:
         """The bytes of a blob, its sha256 checked (once per process). Raises ``BlobError``
         naming the file when it is missing, altered, a symlink or outside the store."""
         path = self._blob_path(sha, rel, where)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-        except FileNotFoundError:
-            raise BlobError(f"{path} ({where}) is missing; `sralign generate` with the same settings "
-                            f"regenerates it", sha) from None
-        except OSError as e:
-            if e.errno == errno.ELOOP:
-                raise BlobError(f"{path} ({where}) is a symbolic link; a store holds only its own files "
-                                f"(refusing to follow it)", sha) from None
-            raise
-        with os.fdopen(fd, "rb") as f:
-            data = f.read()
+        data = self._read_own(path, sha, where)
+        if data is None:
+            raise BlobError(f"{path} ({where}) is missing; `sralign generate` with the same settings regenerates it", sha)
         if sha not in self._verified:
             if hashlib.sha256(data).hexdigest() != sha:
                 raise BlobError(f"{path} ({where}) was altered (its sha256 differs from the index); "
