@@ -24,7 +24,6 @@ prompt is encoded once and cached.
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +38,7 @@ from ..tiny import PolicyLoadError
 from .loading import DTYPES, PromptEncoder, check_model_folder, check_precision, check_text_source, load_component, prompt_encoder_or_none, rows_of, torch_dtype
 from .lora import LoraPolicyMixin
 from .presets import Preset
+from .sd_schedule import quiet_from_config
 from .upsample import UPSAMPLERS, upsample
 
 # FLUX.1-dev's scheduler/scheduler_config.json: what a folder without scheduler/ gets
@@ -55,13 +55,7 @@ def read_flow_scheduler(folder: Path | None):
         cfg = json.loads(f.read_text()) if folder is not None and f.is_file() else dict(FLUX_DEV_SCHEDULER)
     except json.JSONDecodeError as e:
         raise PolicyLoadError(f"{f} is not valid JSON ({e})") from None
-    lg = logging.getLogger("diffusers.configuration_utils")
-    level = lg.level
-    lg.setLevel(logging.ERROR)
-    try:
-        return FlowMatchEulerDiscreteScheduler.from_config({k: v for k, v in cfg.items() if not k.startswith("_")})
-    finally:
-        lg.setLevel(level)
+    return quiet_from_config(FlowMatchEulerDiscreteScheduler, cfg)
 
 
 def flux_mu(tokens: int, config) -> float:

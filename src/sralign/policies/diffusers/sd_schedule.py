@@ -49,7 +49,7 @@ def read_scheduler_config(folder: str | Path) -> dict:
         raise PolicyLoadError(f"{f} is not valid JSON ({e})") from None
 
 
-def _quiet_from_config(cls, config: dict):
+def quiet_from_config(cls, config: dict):
     """``cls.from_config`` without the warnings about keys of other scheduler classes."""
     lg = logging.getLogger("diffusers.configuration_utils")
     level = lg.level
@@ -67,8 +67,8 @@ class SDSchedule:
         from diffusers import DDIMScheduler, DDPMScheduler
 
         self.config = dict(config)
-        self.ddim = _quiet_from_config(DDIMScheduler, config)
-        self.ddpm = _quiet_from_config(DDPMScheduler, config)
+        self.ddim = quiet_from_config(DDIMScheduler, config)
+        self.ddpm = quiet_from_config(DDPMScheduler, config)
         c = self.ddim.config
         if c.prediction_type not in PREDICTION_TYPES:
             raise PolicyLoadError(f"scheduler prediction_type {c.prediction_type!r} is not one of {', '.join(PREDICTION_TYPES)}")
