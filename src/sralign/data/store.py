@@ -142,6 +142,18 @@ class Candidate:
     sha256: str
     path: str
 
+    def where(self) -> str:
+        """How error messages name this candidate."""
+        return f"candidate {self.cid}: LR {self.lr_id}, seed {self.seed}"
+
+
+def _symlink_error(path: Path, where: str, sha: str) -> "BlobError":
+    return BlobError(f"{path} ({where}) is a symbolic link; a store holds only its own files (refusing to follow it)", sha)
+
+
+def _missing_error(path: Path, where: str, sha: str) -> "BlobError":
+    return BlobError(f"{path} ({where}) is missing; `sralign generate` with the same settings regenerates it", sha)
+
 
 @dataclass
 class StoreKey:
@@ -416,8 +428,7 @@ class CandidateStore:
             return None
         except OSError as e:
             if e.errno == errno.ELOOP:
-                raise BlobError(f"{path} ({where}) is a symbolic link; a store holds only its own files "
-                                f"(refusing to follow it)", sha) from None
+                raise _symlink_error(path, where, sha) from None
             raise
         with os.fdopen(fd, "rb") as f:
             return f.read()
@@ -483,7 +494,7 @@ class CandidateStore:
         path = self._blob_path(sha, rel, where)
         data = self._read_own(path, sha, where)
         if data is None:
-            raise BlobError(f"{path} ({where}) is missing; `sralign generate` with the same settings regenerates it", sha)
+            raise _missing_error(path, where, sha)
         if sha not in self._verified:
             if hashlib.sha256(data).hexdigest() != sha:
                 raise BlobError(f"{path} ({where}) was altered (its sha256 differs from the index); "
@@ -748,18 +759,18 @@ class CandidateStore:
         names it otherwise."""
         if not isinstance(c, Candidate):
             c = self.candidate(c)
-        where = f"candidate {c.cid}: LR {c.lr_id}, seed {c.seed}"
+        where = c.where()
         path = self._blob_path(c.sha256, c.path, where)
         if os.path.islink(path):
-            raise BlobError(f"{path} ({where}) is a symbolic link; a store holds only its own files (refusing to follow it)", c.sha256)
+            raise _symlink_error(path, where, c.sha256)
         if not os.path.isfile(path):
-            raise BlobError(f"{path} ({where}) is missing; `sralign generate` with the same settings regenerates it", c.sha256)
+            raise _missing_error(path, where, c.sha256)
 
     def read_candidate(self, c: Candidate | int) -> Tensor:
         """A candidate's image [3,H,W] in [0,1], its file checked (``BlobError`` names it)."""
         if not isinstance(c, Candidate):
             c = self.candidate(c)
-        return decode_png(self.read_blob(c.sha256, c.path, f"candidate {c.cid}: LR {c.lr_id}, seed {c.seed}"))
+        return decode_png(self.read_blob(c.sha256, c.path, c.where()))
 
     def rows(self) -> list[tuple]:
         """(lr_id, seed, key_id, sha256) of every candidate, sorted — the store's content,
