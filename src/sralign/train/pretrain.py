@@ -1,9 +1,16 @@
 """Pretraining the tiny policy (how the shipped checkpoint is made).
 
-Each step: random HR crops of the bundled training photographs -> degraded on the fly -> a
+Each step: random HR crops of the training photographs (the bundled training split, plus the
+photographs in ``hr_dir``) -> degraded on the fly (``degradation_mix`` of each batch with
+Real-ESRGAN's second-order degradation, the rest with the simple blur + bicubic + noise one) -> a
 batch split between the flow-matching objective (``dsm`` at t ~ U[0,1]) and the noise-aware
 one-step objective (x̂0 from ``onestep`` regressed to the HR residual, as NAOSD trains it).
-The saved weights are an EMA of the trained ones.
+The saved weights are an EMA of the trained ones. ``init`` starts from a checkpoint folder
+(fine-tuning) instead of random weights.
+
+Progress is measured on ``val_dir`` (photographs never trained on; default: the bundled held-out
+split's centre crops) with both degradations: PSNR and SSIM of the ``ode`` and ``onestep``
+samplers and of bicubic.
 """
 
 from __future__ import annotations
@@ -18,9 +25,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import ranged, save_config, validate
-from ..data.degradation import SimpleDegradationConfig, simple_degradation
-from ..data.images import center_crop, load_bundled, random_crops
+from ..data.degradation import RealESRGANConfig, RealESRGANDegradation, SimpleDegradationConfig, simple_degradation
+from ..data.images import ImageFolder, center_crop, load_bundled, random_crops
 from ..policies.tiny import TinyPolicy, TinyPolicyConfig
+from ..rewards.builtin import ssim_y
 from ..rewards.functional import psnr_y
 from .checkpoint import check_resume, has_checkpoint, load_training_state, save_training_state
 from .logging_utils import MetricLogger
@@ -46,10 +54,20 @@ class PretrainConfig:
     seed: int = ranged(0, ge=0)
     checkpoint_every: int = ranged(250, ge=1)
     eval_every: int = ranged(250, ge=1)
+    hr_dir: str = ""  # a folder of extra HR photographs (each at least ``patch`` px), added to the bundled training split
+    val_dir: str = ""  # photographs for the progress figures (never trained on); "" = the bundled held-out split
+    degradation_mix: float = ranged(0.0, ge=0, le=1)  # share of each batch degraded with Real-ESRGAN's recipe
+    init: str = ""  # a tiny-policy checkpoint folder to fine-tune ("" = random weights)
     policy: TinyPolicyConfig = field(default_factory=TinyPolicyConfig)
     degradation: SimpleDegradationConfig = field(default_factory=SimpleDegradationConfig)
 
     def cross_check(self) -> str | None:
+        for key in ("hr_dir", "val_dir", "init"):
+            v = getattr(self, key)
+            if v and not Path(v).expanduser().is_dir():
+                return f"{key} {v!r} is not a folder"
+        if self.init and not (Path(self.init).expanduser() / "config.json").is_file():
+            return f"init {self.init!r} holds no config.json: name a tiny-policy checkpoint folder (e.g. one written by `sralign pretrain`)"
         if self.patch % self.policy.scale:
             return f"patch ({self.patch}) must be a multiple of policy.scale ({self.policy.scale})"
         if self.lr_min > self.lr:
@@ -64,6 +82,19 @@ def lr_at(step: int, cfg: PretrainConfig) -> float:
         return cfg.lr * (step + 1) / cfg.warmup
     p = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
     return cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (1 + math.cos(math.pi * min(1.0, p)))
+
+
+def degrade_mixed(hr: torch.Tensor, cfg: PretrainConfig, gen: torch.Generator) -> torch.Tensor:
+    """LR [B,3,H/s,W/s] of HR crops [B,3,H,W]: the first round(B·degradation_mix) crops with
+    Real-ESRGAN's degradation (BasicSR's x4plus settings), the rest with the simple one; 8-bit."""
+    b = hr.shape[0]
+    n_real = int(round(b * cfg.degradation_mix))
+    parts = []
+    if n_real:
+        parts.append(RealESRGANDegradation(RealESRGANConfig(scale=cfg.policy.scale))(hr[:n_real], gen))
+    if b - n_real:
+        parts.append(simple_degradation(hr[n_real:], cfg.policy.scale, gen, cfg.degradation))
+    return (torch.cat(parts) * 255).round() / 255
 
 
 def pretrain_loss(policy: TinyPolicy, hr: torch.Tensor, lr_img: torch.Tensor, gen: torch.Generator, onestep_fraction: float, onestep_weight: float = 2.0) -> tuple[torch.Tensor, dict]:
@@ -91,18 +122,20 @@ def pretrain_loss(policy: TinyPolicy, hr: torch.Tensor, lr_img: torch.Tensor, ge
 
 
 @torch.no_grad()
-def evaluate_psnr(policy: TinyPolicy, hr: torch.Tensor, lr_img: torch.Tensor, steps: int = 10, seed: int = 0) -> dict:
+def evaluate_psnr(policy: TinyPolicy, hr: torch.Tensor, lr_img: torch.Tensor, steps: int = 10, seed: int = 0, tag: str = "") -> dict:
+    """PSNR-Y and SSIM-Y (dB, [0,1]) of the ode (``steps``) and onestep samplers and of bicubic
+    on HR [B,3,H,W] / LR [B,3,h,w]; keys ``psnr_ode{tag}`` etc."""
     cond = policy.condition(lr_img)
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(policy.noise_shape(cond), generator=g)
     ode = policy.sample(cond, noise, sampler="ode", steps=steps).images
     one = policy.sample(cond, noise, sampler="onestep").images
     border = policy.scale
-    return {
-        "psnr_ode": float(psnr_y(ode, hr, border).mean()),
-        "psnr_onestep": float(psnr_y(one, hr, border).mean()),
-        "psnr_bicubic": float(psnr_y(cond.lr_up, hr, border).mean()),
-    }
+    out = {}
+    for name, x in (("ode", ode), ("onestep", one), ("bicubic", cond.lr_up)):
+        out[f"psnr_{name}{tag}"] = float(psnr_y(x, hr, border).mean())
+        out[f"ssim_{name}{tag}"] = float(ssim_y(x, hr, border).mean())
+    return out
 
 
 def pretrain(cfg: PretrainConfig, out: str | Path, resume: bool = False, progress: bool = True) -> TinyPolicy:
@@ -115,14 +148,31 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: bool = False, progres
     save_config(cfg, out / "config.yaml")
     torch.manual_seed(cfg.seed)
     policy = TinyPolicy(cfg.policy)
+    if cfg.init:
+        policy.load(Path(cfg.init).expanduser())  # fine-tune: the architecture is this config's
     ema = copy.deepcopy(policy.model).requires_grad_(False)
     opt = torch.optim.AdamW(policy.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
     train_imgs = [img for _, img in load_bundled("train")]
-    held = load_bundled("heldout")
+    if cfg.hr_dir:
+        folder = ImageFolder(Path(cfg.hr_dir).expanduser(), min_size=cfg.patch)
+        train_imgs += [folder[i] for i in range(len(folder))]
+        log.info("training photographs: %d bundled + %d from %s", len(train_imgs) - len(folder), len(folder), cfg.hr_dir)
+    small = [i for i, im in enumerate(train_imgs) if min(im.shape[1:]) < cfg.patch]
+    if small:
+        raise ValueError(f"{len(small)} training photograph(s) are smaller than patch={cfg.patch}; lower patch or remove them")
+    if cfg.val_dir:
+        val = ImageFolder(Path(cfg.val_dir).expanduser(), min_size=128)
+        val_imgs = [val[i] for i in range(len(val))]
+    else:
+        val_imgs = [img for _, img in load_bundled("heldout")]
     eval_gen = torch.Generator().manual_seed(1234)
-    hr_eval = torch.stack([center_crop(img, 128) for _, img in held])
+    hr_eval = torch.cat([random_crops([im], 4, 128, eval_gen) for im in val_imgs]) if cfg.val_dir else torch.stack([center_crop(im, 128) for im in val_imgs])
     lr_eval = simple_degradation(hr_eval, cfg.policy.scale, eval_gen, cfg.degradation)
+    lr_eval = (lr_eval * 255).round() / 255
+    lr_eval_real = RealESRGANDegradation(RealESRGANConfig(scale=cfg.policy.scale))(hr_eval, eval_gen) if cfg.degradation_mix > 0 else None
+    if lr_eval_real is not None:
+        lr_eval_real = (lr_eval_real * 255).round() / 255
 
     start = 0
     ckpt_dir = out / "checkpoint"
@@ -137,7 +187,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: bool = False, progres
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
         hr = random_crops(train_imgs, cfg.batch_size, cfg.patch, gen)
-        lr_img = simple_degradation(hr, cfg.policy.scale, gen, cfg.degradation)
+        lr_img = degrade_mixed(hr, cfg, gen)
         loss, parts = pretrain_loss(policy, hr, lr_img, gen, cfg.onestep_fraction, cfg.onestep_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -153,6 +203,8 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: bool = False, progres
             live = policy.model
             policy.model, policy._active = ema, ema
             rec.update(evaluate_psnr(policy, hr_eval, lr_eval))
+            if lr_eval_real is not None:
+                rec.update(evaluate_psnr(policy, hr_eval, lr_eval_real, tag="_realesrgan"))
             policy.model, policy._active = live, live
             log.info("step %d %s", done, {k: round(v, 4) for k, v in rec.items()})
         logger.log(step, **rec)

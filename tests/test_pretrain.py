@@ -1,0 +1,69 @@
+"""sralign.train.pretrain: the data and starting point of the tiny policy's pretraining."""
+
+from __future__ import annotations
+
+import torch
+import pytest
+from PIL import Image
+
+from sralign.config import ConfigError
+from sralign.data.degradation import RealESRGANConfig, RealESRGANDegradation, SimpleDegradationConfig, simple_degradation
+from sralign.policies.tiny import TinyPolicy, shipped_checkpoint_dir
+from sralign.train.pretrain import PretrainConfig, degrade_mixed, pretrain
+
+
+def _hr(b=4, size=32):
+    g = torch.Generator().manual_seed(3)
+    return torch.rand(b, 3, size, size, generator=g)
+
+
+def test_degrade_mixed_splits_the_batch_between_the_two_recipes():
+    hr = _hr()
+    cfg = PretrainConfig(degradation_mix=0.5)
+    lr = degrade_mixed(hr, cfg, torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    real = RealESRGANDegradation(RealESRGANConfig(scale=4))(hr[:2], g)
+    simple = simple_degradation(hr[2:], 4, g, SimpleDegradationConfig())
+    want = (torch.cat([real, simple]) * 255).round() / 255
+    assert lr.shape == (4, 3, 8, 8)
+    assert torch.equal(lr, want)
+    assert torch.equal(lr * 255, (lr * 255).round())  # 8-bit, like a saved LR
+    # mix 0: the simple recipe alone (what the shipped checkpoint's first 3000 steps used)
+    lr0 = degrade_mixed(hr, PretrainConfig(degradation_mix=0.0), torch.Generator().manual_seed(0))
+    assert torch.equal(lr0, (simple_degradation(hr, 4, torch.Generator().manual_seed(0), SimpleDegradationConfig()) * 255).round() / 255)
+
+
+def _photos(folder, sizes):
+    folder.mkdir()
+    g = torch.Generator().manual_seed(1)
+    for k, (h, w) in enumerate(sizes):
+        arr = (torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(arr).save(folder / f"p{k}.png")
+    return folder
+
+
+def test_pretrain_fine_tunes_from_init_on_extra_photographs(tmp_path):
+    photos = _photos(tmp_path / "hr", [(160, 200), (140, 150)])
+    val = _photos(tmp_path / "val", [(130, 130)])
+    cfg = PretrainConfig(steps=1, batch_size=2, patch=32, hr_dir=str(photos), val_dir=str(val), degradation_mix=0.5,
+                         init=str(shipped_checkpoint_dir()), lr=1e-12, lr_min=0.0, warmup=0, ema_decay=0.5, eval_every=1)
+    cfg.policy.ode_start = 0.5
+    out = pretrain(cfg, tmp_path / "run", progress=False)
+    shipped = TinyPolicy.from_pretrained(None)
+    for (k, a), (_, b) in zip(out.model.state_dict().items(), shipped.model.state_dict().items()):
+        assert torch.allclose(a, b, atol=1e-6), k  # lr ~0: the EMA is still the checkpoint it started from
+    import json
+    rec = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
+    for key in ("psnr_ode", "ssim_onestep", "psnr_bicubic_realesrgan", "ssim_ode_realesrgan"):
+        assert key in rec and rec[key] == rec[key]  # measured, not NaN
+
+
+def test_pretrain_refuses_bad_folders_before_work(tmp_path):
+    with pytest.raises(ConfigError, match="init .* holds no config.json"):
+        pretrain(PretrainConfig(init=str(tmp_path)), tmp_path / "a", progress=False)
+    with pytest.raises(ConfigError, match="hr_dir .* is not a folder"):
+        pretrain(PretrainConfig(hr_dir=str(tmp_path / "nope")), tmp_path / "a", progress=False)
+    small = _photos(tmp_path / "small", [(40, 40)])
+    with pytest.raises(Exception, match="smaller than|no readable|at least"):
+        pretrain(PretrainConfig(hr_dir=str(small), patch=64), tmp_path / "b", progress=False)
+    assert not (tmp_path / "a").exists()
