@@ -17,7 +17,7 @@ from .bestof import PolicySpec, evaluate_policies
 from .grid import save_grid
 from .hacking import HackingThresholds
 from .plots import plot_bestof, plot_training
-from .report import format_table, write_report
+from .report import delta_rows, format_deltas, format_table, summary_rows, write_report
 
 
 @dataclass
@@ -97,7 +97,9 @@ def run_eval(
         specs[label] = PolicySpec(policy, sampler=sampler, steps=steps, baseline=ref_label)
     result, samples = evaluate_policies(specs, hr, lr, reward, cfg.heldout_metrics, m=cfg.m, seed=cfg.seed, progress=progress,
                                         prompts=prompts, thresholds=cfg.hacking)
-    (out / "eval.json").write_text(json.dumps(result.to_dict(), indent=1))
+    # the result, plus the report's two tables as rows (the summary with its HR and bicubic rows,
+    # and each aligned policy against its reference)
+    (out / "eval.json").write_text(json.dumps({**result.to_dict(), "table": summary_rows(result), "vs_reference": delta_rows(result)}, indent=1))
     figures = {"Best@M / Mean@M / Worst@M": plot_bestof(result, out / "bestof.png")}
     # image grids: LR | reference seeds | aligned seeds | HR, per image, one grid per aligned policy
     k = min(cfg.grid_seeds, cfg.m)
@@ -111,8 +113,17 @@ def run_eval(
         tp = plot_training(run_dirs, out / "training.png")
         if tp is not None:
             figures["Training curves"] = tp
-    full_meta = {"eval_config": asdict(cfg), "eval_seconds": round(time.time() - t0, 1), **(meta or {})}
+    full_meta = {"images": image_source(cfg, len(ids)), "eval_config": asdict(cfg), "eval_seconds": round(time.time() - t0, 1), **(meta or {})}
     write_report(out, result, figures, full_meta)
     if progress:
         print(format_table(result))
+        print()
+        print(format_deltas(result))
     return result
+
+
+def image_source(cfg: EvalConfig, n: int) -> str:
+    """Where the evaluated crops come from, in words (for the report's header)."""
+    ls = cfg.lr_set
+    src = f"your HR images in {ls.hr_dir}" if ls.hr_dir else f"the bundled {ls.split} photographs"
+    return f"{n} crops of {ls.patch}² px from {src} (seed {ls.seed}), degraded ({ls.degradation}, ×{ls.scale})"
