@@ -236,8 +236,11 @@ def test_eval_cli_on_your_own_photos_reports_like_the_demo(tmp_path, policy_dir,
     printed = capsys.readouterr().out
     out = run / "eval"
     ev = json.loads((out / "eval.json").read_text())
-    # the aligned GDPO-SR policy is compared with the one-step reference at equal seeds
+    # the aligned GDPO-SR policy is compared with the one-step reference at equal seeds, ranked
+    # with the reward it trained on (the attribute-aware one; PSNR is in it, SSIM held out)
     assert ev["samplers"] == {"reference (onestep)": "onestep", "run": "onestep"}
+    assert ev["reward_kind"] == "attribute" and ev["reward_names"] == ["psnr", "gap:brisque", "gap:niqe_s"]
+    assert ev["heldout_metrics"] == ["ssim", "brisque", "niqe_s"]
     rows = {r["policy"]: r for r in ev["table"]}
     assert set(rows) == {"reference (onestep)", "run", "bicubic", "HR"}
     nr = ["brisque", "niqe_s", "gap:brisque", "gap:niqe_s"]
@@ -256,11 +259,28 @@ def test_eval_cli_on_your_own_photos_reports_like_the_demo(tmp_path, policy_dir,
     # printed and in the report: the same rows and columns
     html = (out / "report.html").read_text()
     for text in (printed, html, (out / "report.md").read_text()):
-        for token in ("HR", "bicubic", "psnr↑ (held-out)", "ssim↑ (held-out)", "brisque↓ (gap in reward)", "niqe_s↓ (gap in reward)",
+        for token in ("HR", "bicubic", "psnr↑", "ssim↑ (held-out)", "brisque↓ (gap in reward)", "niqe_s↓ (gap in reward)",
                       "gap:brisque↑", "sharp/HR", "noise/HR", "hacking flags", "ΔWorst−ΔMean", "spread claim", "reference (onestep)"):
             assert token in text, token
     assert "| HR |" in printed and "| bicubic |" in printed and "| run | reference (onestep) |" in printed
     assert "<td>HR</td>" in html and "<td>bicubic</td>" in html and f"your HR images in {photos}" in html
+    assert "attribute-aware reward (PSNR-Y on the HR&#x27;s smooth area, gap:brisque, gap:niqe_s on its texture)" in html
+    # naming a reward yourself wins over the run's: DP²O-SR's hybrid with PSNR held out again
+    assert main(["eval", str(run), "--quiet", "m=1", "steps=1", f"lr_set.hr_dir={photos}", "lr_set.n=1", "lr_set.patch=64",
+                 "nr_metrics=[gap:brisque]", "--out", str(tmp_path / "ev2")]) == 0
+    ev2 = json.loads((tmp_path / "ev2" / "eval.json").read_text())
+    assert ev2["reward_kind"] == "hybrid" and ev2["reward_names"] == ["gmsd", "grad_fidelity", "gap:brisque"]
+    assert "psnr" in ev2["heldout_metrics"]
+
+
+def test_run_reward_reads_the_trained_reward(tmp_path):
+    from sralign.eval.run import run_reward
+
+    assert run_reward(tmp_path) == {}
+    (tmp_path / "config.yaml").write_text("method: gdpo\nreward: attribute\nnr_metrics: [brisque]\ntexture_rule: authors\nbeta: 5\n")
+    assert run_reward(tmp_path) == {"reward": "attribute", "nr_metrics": ["brisque"], "texture_rule": "authors"}
+    (tmp_path / "config.yaml").write_text("method: dp2o\nfr_metrics: [psnr]\nnr_metrics: [gap:brisque]\n")  # offline runs: hybrid
+    assert run_reward(tmp_path) == {"reward": "hybrid", "fr_metrics": ["psnr"], "nr_metrics": ["gap:brisque"]}
 
 
 def _eval_crops(photos):

@@ -463,3 +463,26 @@ def test_gdpo_config_takes_gap_metrics_for_the_attribute_reward():
     assert isinstance(build_reward(GDPOConfig()), AttributeReward) and build_reward(GDPOConfig()).names == ["psnr", "gap:brisque", "gap:niqe_s"]
     with pytest.raises(ConfigError, match="nr_metrics lists 'gmsd', a full-reference metric"):
         load_config(GDPOConfig, None, ["nr_metrics=[gmsd]"])
+
+
+def test_attribute_reward_ranks_stored_scores_like_the_call(photos):
+    """``ranks`` (eval: several policies' samples pooled, scored once) gives the reward the call
+    gives; the hybrid's ``ranks`` is its ``from_scores``."""
+    from sralign.rewards.hybrid import score_group
+
+    hr = photos[:3]
+    g = torch.Generator().manual_seed(4)
+    group = torch.stack([hr, *[(hr + s * torch.randn(hr.shape, generator=g)).clamp(0, 1) for s in (0.01, 0.03, 0.08)]], 1)
+    for rule in ("sralign", "authors"):
+        r = AttributeReward.from_names(["gap:brisque", "sharpness"], rule=rule)
+        assert [m.name for m in r.metrics] == r.names == ["psnr", "gap:brisque", "sharpness"]
+        direct = r(group, hr)
+        stored = r.ranks(score_group(r.metrics, group, hr), hr)
+        assert torch.allclose(direct.total, stored.total, atol=1e-5)
+        f_smooth, f_tex = r.areas(hr)
+        assert torch.allclose(f_smooth + f_tex, torch.ones(3, 1)) and ((f_tex > 0) & (f_tex < 1)).any()
+    with pytest.raises(MetricError, match="per_region=True scores composites"):
+        AttributeReward.from_names(["brisque"], per_region=True).ranks({}, hr)
+    h = HybridReward.from_names(["gmsd"], ["gap:brisque"])
+    raw = score_group(h.metrics, group, hr)
+    assert torch.equal(h.ranks(raw, hr).total, h.from_scores(raw).total)

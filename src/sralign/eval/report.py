@@ -165,13 +165,21 @@ def _html_table(table_md: str, title: str) -> str:
     return f"<h2>{html.escape(title)}</h2><table><tr>{th}</tr>{body}</table>{notes}"
 
 
+def reward_words(result) -> str:
+    """The ranking reward in words: its kind and metrics."""
+    names = ", ".join(result.reward_names)
+    if getattr(result, "reward_kind", "hybrid") == "attribute":
+        return f"GDPO-SR's attribute-aware reward (PSNR-Y on the HR's smooth area, {', '.join(result.reward_names[1:])} on its texture)"
+    return f"DP²O-SR's hybrid reward ({names})"
+
+
 def write_report(out: str | Path, result, figures: dict[str, Path], meta: dict) -> tuple[Path, Path]:
     """Write ``report.html`` and ``report.md`` into ``out``. ``figures``: title -> PNG path
     (inside ``out``); ``meta``: config and timing to print."""
     out = Path(out)
     table_md = format_table(result)
     images = f"Images: {meta['images']}. " if meta.get("images") else ""
-    md = ["# sralign report\n", f"{images}M = {result.m} seeds per held-out LR image; reward = {', '.join(result.reward_names)}; "
+    md = ["# sralign report\n", f"{images}M = {result.m} seeds per held-out LR image; reward = {reward_words(result)}; "
           f"held-out metrics: {', '.join(result.heldout_metrics) or 'none'}.\n", table_md, "", legend(result), ""]
     if format_deltas(result):
         md += ["Each aligned policy against its reference:\n", format_deltas(result), ""]
@@ -192,7 +200,7 @@ def write_report(out: str | Path, result, figures: dict[str, Path], meta: dict) 
 table{{border-collapse:collapse;font-size:13px}}td,th{{border:1px solid #ccc;padding:3px 7px;text-align:right}}
 th{{background:#f3f3f3}}pre{{background:#f6f6f6;padding:1em;overflow:auto;font-size:12px}}</style></head><body>
 <h1>sralign report</h1>
-<p>{html.escape(images)}M = {result.m} seeds per held-out LR image. Reward: {html.escape(', '.join(result.reward_names))}.
+<p>{html.escape(images)}M = {result.m} seeds per held-out LR image. Reward: {html.escape(reward_words(result))}.
 Held-out metrics (not trained on): {html.escape(', '.join(result.heldout_metrics) or 'none')}.
 ↑/↓: higher/lower is better. Win rate: share of (image, seed) where the policy beats its baseline at equal seed.</p>
 <table><tr>{th}</tr>{body}</table>

@@ -174,6 +174,24 @@ class AttributeReward:
         raw = {"psnr": check_finite("psnr", fid), **raw}
         return self.from_scores(raw, f_smooth, f_tex)
 
+    @property
+    def metrics(self) -> list[Metric]:
+        """The metrics whose raw scores make the reward: PSNR-Y (the registry's ``psnr``) and the
+        texture side's."""
+        return [get_metric("psnr"), *self.nr]
+
+    def areas(self, hr: Tensor) -> tuple[Tensor, Tensor]:
+        """(f_smooth, f_texture) [n,1] of hr [n,3,H,W]: the HR's smooth / textured area shares."""
+        f_tex = texture_map(hr, self.patch, self.threshold, rule=self.rule).flatten(1).mean(1)[:, None]
+        return 1 - f_tex, f_tex
+
+    def ranks(self, raw: dict[str, Tensor], hr: Tensor) -> RewardOut:
+        """The reward from raw scores {``psnr`` and each NR name: [n,K]} of K samples per HR
+        (e.g. several policies' samples pooled, scored with ``metrics``) and hr [n,3,H,W]."""
+        if self.per_region:
+            raise MetricError("ranks() reads whole-image scores; per_region=True scores composites (call the reward instead)")
+        return self.from_scores(raw, *self.areas(hr))
+
     def from_scores(self, raw: dict[str, Tensor], f_smooth: Tensor, f_tex: Tensor) -> RewardOut:
         norm = {"psnr": group_minmax(raw["psnr"], True)}
         for m in self.nr:
