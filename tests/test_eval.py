@@ -2,6 +2,7 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 import torch
 
 from sralign.eval.bestof import best_mean_worst
@@ -152,7 +153,57 @@ def test_delta_rows_against_the_reference_of_the_same_sampler():
     assert rows["a"]["vs"] == "reference (ode)" and rows["b"]["vs"] == "reference (onestep)"
     assert abs(rows["a"]["ΔMean@M"] - 0.2) < 1e-9 and abs(rows["a"]["ΔWorst@M"] - 0.25) < 1e-9 and abs(rows["a"]["Δstd/img"] + 0.02) < 1e-9
     assert abs(rows["b"]["Δpsnr"] + 0.5) < 1e-9 and rows["a"]["hacking flags"] == "none" and rows["b"]["hacking flags"] == "x"
-    assert "| a | reference (ode) | +0.2000 | +0.2500 | -0.0200 | +0.0500 | 0.700 | 0.800 | none |" in format_deltas(res)
+    assert "| a | reference (ode) | +0.2000 | +0.2500 | -0.0200 | +0.0500 | yes | +0.0500 | 0.700 | 0.800 | none |" in format_deltas(res)
+    # b: Worst@M +0.02 < Mean@M +0.05, std up: the claim does not hold
+    assert abs(rows["b"]["ΔWorst−ΔMean"] + 0.03) < 1e-9 and rows["b"]["spread claim"] == "no"
+    assert "holds for a; does not hold for b." in format_deltas(res)
+
+
+@pytest.mark.parametrize("d_mean, d_worst, d_std, holds", [
+    (0.10, 0.15, -0.01, True),    # Worst rises more than Mean, spread falls
+    (0.10, 0.15, +0.01, False),   # spread grows
+    (0.10, 0.15, 0.0, False),     # spread unchanged
+    (0.10, 0.05, -0.01, False),   # Worst rises less than Mean
+    (0.10, 0.10, -0.01, False),   # equal rise is not "more"
+    (-0.10, -0.05, -0.01, False), # Worst falls (less than Mean): it does not rise
+    (-0.02, 0.01, -0.003, True),  # Mean falls a little, Worst rises: holds
+])
+def test_spread_claim_hand_made(d_mean, d_worst, d_std, holds):
+    from sralign.eval.report import spread_claim
+
+    assert spread_claim(d_mean, d_worst, d_std) is holds
+
+
+def test_spread_claim_column_and_line_from_hand_made_results(tmp_path):
+    """The shipped demo's DP²O numbers (issue 16): Worst@M +0.2693 vs Mean@M +0.2773, std/img
+    0.0589 → 0.0586 — the claim does not hold; a made-up run where it does."""
+    from types import SimpleNamespace
+
+    from sralign.eval.report import delta_rows, format_deltas, write_report
+
+    cur = lambda mean, worst: {"mean": [mean - 0.1, mean], "best": [1.0, 1.0], "worst": [worst + 0.1, worst]}  # noqa: E731
+    res = SimpleNamespace(
+        m=2, reward_names=["gmsd"], heldout_metrics=["psnr"],
+        reward={"reference (ode)": cur(0.30, 0.20), "dp2o": cur(0.5773, 0.4693), "good": cur(0.40, 0.35)},
+        samplers={"reference (ode)": "ode", "dp2o": "ode", "good": "ode"},
+        reward_std={"reference (ode)": 0.0589, "dp2o": 0.0586, "good": 0.0400},
+        win_rate={"dp2o": 0.9, "good": 0.8},
+        metrics={"psnr": {k: {"mean": 28.0, "higher_is_better": True} for k in ("reference (ode)", "dp2o", "good")}},
+        stats={k: {"sharp/HR": 0.9, "noise/HR": 1.0} for k in ("reference (ode)", "dp2o", "good", "bicubic")},
+        hr_values={}, bicubic={"psnr": 27.0}, thresholds={}, flags={"dp2o": [], "good": []},
+    )
+    rows = {r["policy"]: r for r in delta_rows(res)}
+    assert abs(rows["dp2o"]["ΔWorst−ΔMean"] - (0.2693 - 0.2773)) < 1e-9 and rows["dp2o"]["spread claim"] == "no"
+    assert abs(rows["good"]["ΔWorst−ΔMean"] - 0.05) < 1e-9 and rows["good"]["spread claim"] == "yes"
+    table = format_deltas(res)
+    assert "| ΔWorst−ΔMean | spread claim |" in table
+    assert "| dp2o | reference (ode) | +0.2773 | +0.2693 | -0.0003 | -0.0080 | no |" in table
+    assert table.endswith("Worst@M rises more than Mean@M and per-image std falls, against the reference at equal seeds): "
+                          "holds for good; does not hold for dp2o.")
+    html_path, md_path = write_report(tmp_path, res, {}, {})
+    page = html_path.read_text()
+    assert "<th>ΔWorst−ΔMean</th><th>spread claim</th>" in page and "<p>DP²O-SR&#x27;s claim (" in page
+    assert "holds for good; does not hold for dp2o." in md_path.read_text()
 
 
 def test_run_sampler_reads_the_run_config(tmp_path):
@@ -161,3 +212,90 @@ def test_run_sampler_reads_the_run_config(tmp_path):
     assert run_sampler(tmp_path) == "ode"
     (tmp_path / "config.yaml").write_text("method: gdpo\nsampler: onestep\n")
     assert run_sampler(tmp_path) == "onestep"
+
+
+def test_eval_cli_on_your_own_photos_reports_like_the_demo(tmp_path, policy_dir, capsys):
+    """`sralign eval RUN lr_set.hr_dir=DIR` on a folder of PNG photographs: the printed tables,
+    eval.json and report.html carry the HR and bicubic rows, every no-reference metric with the
+    HR's own value, held-out PSNR/SSIM, sharp/HR and noise/HR, the hacking flags and the change
+    table against the reference of the same sampler (GDPO-SR: onestep)."""
+    from sralign.cli import main
+    from sralign.data.images import save_image
+    from sralign.rewards.registry import get_metric
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    crops = [center_crop(img, 72) for _, img in load_bundled("heldout")[:3]]
+    for i, c in enumerate(crops):
+        save_image(c, photos / f"p{i}.png")
+    run = tmp_path / "run"
+    assert main(["train", "--method", "gdpo", "--policy", str(policy_dir), "--out", str(run), "--quiet",
+                 "steps_total=1", "batch_lr=1", "group=2", "lr_set.n=1", "lr_set.patch=32"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(run), "m=2", "steps=2", f"lr_set.hr_dir={photos}", "lr_set.n=3", "lr_set.patch=64", "grid_images=1", "grid_seeds=1"]) == 0
+    printed = capsys.readouterr().out
+    out = run / "eval"
+    ev = json.loads((out / "eval.json").read_text())
+    # the aligned GDPO-SR policy is compared with the one-step reference at equal seeds, ranked
+    # with the reward it trained on (the attribute-aware one; PSNR is in it, SSIM held out)
+    assert ev["samplers"] == {"reference (onestep)": "onestep", "run": "onestep"}
+    assert ev["reward_kind"] == "attribute" and ev["reward_names"] == ["psnr", "gap:brisque", "gap:niqe_s"]
+    assert ev["heldout_metrics"] == ["ssim", "brisque", "niqe_s"]
+    rows = {r["policy"]: r for r in ev["table"]}
+    assert set(rows) == {"reference (onestep)", "run", "bicubic", "HR"}
+    nr = ["brisque", "niqe_s", "gap:brisque", "gap:niqe_s"]
+    for name in nr:  # every no-reference metric with the HR's own value
+        assert name in rows["HR"] and name in rows["run"] and name in rows["bicubic"]
+    hr_imgs = torch.stack([d for d in _eval_crops(photos)])
+    assert abs(rows["HR"]["brisque"] - float(get_metric("brisque")(hr_imgs).mean())) < 1e-3  # the HR's own BRISQUE
+    assert rows["HR"]["gap:brisque"] == 0.0 and rows["HR"]["sharp/HR"] == 1.0
+    for col in ("psnr", "ssim", "sharp/HR", "noise/HR"):
+        assert isinstance(rows["run"][col], float) and isinstance(rows["bicubic"][col], float)
+    assert rows["bicubic"]["psnr"] > 10 and "hacking flags" in rows["run"]
+    (ch,) = ev["vs_reference"]
+    assert ch["policy"] == "run" and ch["vs"] == "reference (onestep)"
+    assert {"ΔMean@M", "ΔWorst@M", "Δstd/img", "ΔWorst−ΔMean", "spread claim", "Δpsnr", "Δssim", "sharp/HR", "noise/HR", "hacking flags"} <= set(ch)
+    assert abs(ch["Δpsnr"] - (rows["run"]["psnr"] - rows["reference (onestep)"]["psnr"])) < 1e-9
+    # printed and in the report: the same rows and columns
+    html = (out / "report.html").read_text()
+    for text in (printed, html, (out / "report.md").read_text()):
+        for token in ("HR", "bicubic", "psnr↑", "ssim↑ (held-out)", "brisque↓ (gap in reward)", "niqe_s↓ (gap in reward)",
+                      "gap:brisque↑", "sharp/HR", "noise/HR", "hacking flags", "ΔWorst−ΔMean", "spread claim", "reference (onestep)"):
+            assert token in text, token
+    assert "| HR |" in printed and "| bicubic |" in printed and "| run | reference (onestep) |" in printed
+    assert "<td>HR</td>" in html and "<td>bicubic</td>" in html and f"your HR images in {photos}" in html
+    assert "attribute-aware reward (PSNR-Y on the HR&#x27;s smooth area, gap:brisque, gap:niqe_s on its texture)" in html
+    # naming a reward yourself wins over the run's: DP²O-SR's hybrid with PSNR held out again
+    assert main(["eval", str(run), "--quiet", "m=1", "steps=1", f"lr_set.hr_dir={photos}", "lr_set.n=1", "lr_set.patch=64",
+                 "nr_metrics=[gap:brisque]", "--out", str(tmp_path / "ev2")]) == 0
+    ev2 = json.loads((tmp_path / "ev2" / "eval.json").read_text())
+    assert ev2["reward_kind"] == "hybrid" and ev2["reward_names"] == ["gmsd", "grad_fidelity", "gap:brisque"]
+    assert "psnr" in ev2["heldout_metrics"]
+
+
+def test_run_reward_reads_the_trained_reward(tmp_path):
+    from sralign.eval.run import run_reward
+
+    assert run_reward(tmp_path) == {}
+    (tmp_path / "config.yaml").write_text("method: gdpo\nreward: attribute\nnr_metrics: [brisque]\ntexture_rule: authors\nbeta: 5\n")
+    assert run_reward(tmp_path) == {"reward": "attribute", "nr_metrics": ["brisque"], "texture_rule": "authors"}
+    (tmp_path / "config.yaml").write_text("method: dp2o\nfr_metrics: [psnr]\nnr_metrics: [gap:brisque]\n")  # offline runs: hybrid
+    assert run_reward(tmp_path) == {"reward": "hybrid", "fr_metrics": ["psnr"], "nr_metrics": ["gap:brisque"]}
+
+
+def _eval_crops(photos):
+    """The HR crops `sralign eval` draws from ``photos`` with the test's settings."""
+    from sralign.data.lrset import make_lr_set
+
+    return [d.hr for d in make_lr_set(LRSetConfig(split="heldout", n=3, patch=64, seed=123, hr_dir=str(photos)))]
+
+
+def test_lr_set_overrides_keep_the_held_out_split():
+    """`sralign eval RUN lr_set.n=48` (or lr_set.hr_dir=DIR) changes only what it names: the
+    crops stay the held-out split's, seed 123 — not LRSetConfig()'s training split."""
+    from sralign.config import load_config
+
+    c = load_config(EvalConfig, None, ["lr_set.n=3", "lr_set.patch=32"])
+    assert (c.lr_set.split, c.lr_set.seed, c.lr_set.n, c.lr_set.patch) == ("heldout", 123, 3, 32)
+    c = load_config(EvalConfig, None, ["lr_set.hr_dir=."])
+    assert (c.lr_set.split, c.lr_set.seed, c.lr_set.n) == ("heldout", 123, 8)

@@ -382,3 +382,107 @@ def test_configs_take_gap_metrics_on_the_nr_side_only():
     assert load_config(DP2OConfig, None, ["nr_metrics=[gap:sharpness,gap:pyiqa:musiq]"]).nr_metrics == ["gap:sharpness", "gap:pyiqa:musiq"]
     with pytest.raises(ConfigError, match="fr_metrics lists 'gap:brisque', a no-reference metric; it belongs in the NR list"):
         load_config(DP2OConfig, None, ["fr_metrics=[gap:brisque]"])
+
+
+def test_attribute_reward_default_optimum_is_the_hr():
+    """GDPO-SR's attribute-aware reward with its default texture metrics (the default hybrid's NR
+    half, read against the HR) ranks the HR first among blurred, noised and over-sharpened copies,
+    on bundled crops of both splits, under both texture rules and per_region."""
+    from sralign.rewards.attribute import DEFAULT_NR_ATTRIBUTE
+    from sralign.rewards.hybrid import DEFAULT_NR
+    from sralign.train.online_config import GDPOConfig
+
+    cfg = GDPOConfig()
+    assert cfg.reward == "attribute" and cfg.nr_metrics == list(DEFAULT_NR_ATTRIBUTE) == list(DEFAULT_NR)
+    assert GDPOConfig.with_preset("authors").nr_metrics == cfg.nr_metrics  # the preset leaves the metrics alone
+    assert all(n.startswith("gap:") for n in cfg.nr_metrics)
+    hr = torch.stack([center_crop(img, 64) for _, img in load_bundled("train")[:6] + load_bundled("heldout")])
+    group = torch.stack([hr, *_distorted_versions(hr)], 1)  # [n, 7, 3, 64, 64], HR first
+    for kw in ({}, {"rule": "authors"}, {"per_region": True}):
+        out = AttributeReward.from_names(cfg.nr_metrics, **kw)(group, hr)
+        assert torch.allclose(out.total[:, 0], torch.ones(len(hr))), kw  # PSNR and every gap at their best
+        assert (out.total[:, 1:] < 1 - 1e-3).all(), kw
+        for n in cfg.nr_metrics:
+            assert torch.allclose(out.per_metric[n][:, 0], torch.zeros(len(hr)), atol=1e-4)
+
+
+def test_attribute_reward_raw_nr_prefers_grain_over_the_hr():
+    """Why the default changed: with raw BRISQUE on the texture side, some over-sharpened or noised
+    copy beats the HR on at least one crop (the raw optimum is not the truth)."""
+    hr = torch.stack([center_crop(img, 64) for _, img in load_bundled("train")[:6] + load_bundled("heldout")])
+    group = torch.stack([hr, *_distorted_versions(hr)], 1)
+    raw = AttributeReward.from_names(["brisque"])(group, hr).per_metric["brisque"]
+    assert (raw[:, 1:].min(1).values < raw[:, 0]).any()
+
+
+def test_attribute_reward_hands_the_hr_to_gap_metrics_only(photos):
+    from sralign.rewards.base import FunctionMetric
+    from sralign.rewards.relative import HRRelativeMetric
+
+    seen = []
+
+    def mean_y(x):
+        seen.append(x.clone())
+        return x.mean(dim=(1, 2, 3))
+
+    raw_calls = []
+
+    def raw_fn(x):
+        raw_calls.append(x.shape[0])
+        return x.std(dim=(1, 2, 3))
+
+    gap = HRRelativeMetric(FunctionMetric("mean", "NR", True, mean_y))
+    raw = FunctionMetric("spread", "NR", True, raw_fn)  # NR: calling it with hr would not reach fn anyway
+    hr = photos[:2]
+    group = torch.stack([hr, (hr + 0.1).clamp(0, 1), hr * 0.5], 1)  # [2,3,3,96,96]
+    out = AttributeReward([gap, raw])(group, hr)
+    assert out.total.shape == (2, 3) and raw_calls == [6]
+    # the gap metric saw the SR batch and each group's HR: −|mean(SR) − mean(HR)|
+    assert any(torch.equal(s, hr[:1]) for s in seen) and any(torch.equal(s, hr[1:2]) for s in seen)
+    want = -(group.mean(dim=(2, 3, 4)) - hr.mean(dim=(1, 2, 3))[:, None]).abs()
+    assert torch.allclose(out.per_metric["gap:mean"], want, atol=1e-6)
+    assert torch.allclose(out.per_metric["gap:mean"][:, 0], torch.zeros(2))
+    assert torch.allclose(out.per_metric["spread"], group.std(dim=(2, 3, 4)), atol=1e-6)
+    # by name, through the registry: gap:brisque equals −|brisque(SR) − brisque(HR)|; raw brisque still works
+    r = AttributeReward.from_names(["gap:brisque", "brisque"])(group, hr)
+    b = get_metric("brisque")
+    assert torch.allclose(r.per_metric["gap:brisque"], -(r.per_metric["brisque"] - b(hr)[:, None]).abs(), atol=1e-3)
+    assert torch.allclose(r.per_metric["brisque"], b(group.flatten(0, 1)).reshape(2, 3), atol=1e-4)
+    with pytest.raises(MetricError, match="gmsd is full-reference; the attribute reward's texture side takes no-reference"):
+        AttributeReward.from_names(["gmsd"])
+
+
+def test_gdpo_config_takes_gap_metrics_for_the_attribute_reward():
+    from sralign.config import ConfigError, load_config
+    from sralign.train.online import build_reward
+    from sralign.train.online_config import GDPOConfig
+
+    cfg = load_config(GDPOConfig, None, ["nr_metrics=[gap:sharpness,brisque]"])
+    r = build_reward(cfg)
+    assert isinstance(r, AttributeReward) and r.names == ["psnr", "gap:sharpness", "brisque"]
+    assert isinstance(build_reward(GDPOConfig()), AttributeReward) and build_reward(GDPOConfig()).names == ["psnr", "gap:brisque", "gap:niqe_s"]
+    with pytest.raises(ConfigError, match="nr_metrics lists 'gmsd', a full-reference metric"):
+        load_config(GDPOConfig, None, ["nr_metrics=[gmsd]"])
+
+
+def test_attribute_reward_ranks_stored_scores_like_the_call(photos):
+    """``ranks`` (eval: several policies' samples pooled, scored once) gives the reward the call
+    gives; the hybrid's ``ranks`` is its ``from_scores``."""
+    from sralign.rewards.hybrid import score_group
+
+    hr = photos[:3]
+    g = torch.Generator().manual_seed(4)
+    group = torch.stack([hr, *[(hr + s * torch.randn(hr.shape, generator=g)).clamp(0, 1) for s in (0.01, 0.03, 0.08)]], 1)
+    for rule in ("sralign", "authors"):
+        r = AttributeReward.from_names(["gap:brisque", "sharpness"], rule=rule)
+        assert [m.name for m in r.metrics] == r.names == ["psnr", "gap:brisque", "sharpness"]
+        direct = r(group, hr)
+        stored = r.ranks(score_group(r.metrics, group, hr), hr)
+        assert torch.allclose(direct.total, stored.total, atol=1e-5)
+        f_smooth, f_tex = r.areas(hr)
+        assert torch.allclose(f_smooth + f_tex, torch.ones(3, 1)) and ((f_tex > 0) & (f_tex < 1)).any()
+    with pytest.raises(MetricError, match="per_region=True scores composites"):
+        AttributeReward.from_names(["brisque"], per_region=True).ranks({}, hr)
+    h = HybridReward.from_names(["gmsd"], ["gap:brisque"])
+    raw = score_group(h.metrics, group, hr)
+    assert torch.equal(h.ranks(raw, hr).total, h.from_scores(raw).total)

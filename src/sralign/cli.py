@@ -478,19 +478,26 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .eval.run import EvalConfig, run_eval, run_sampler
+    from .eval.run import REWARD_KEYS, EvalConfig, run_eval, run_reward, run_sampler
 
-    from .config import load_config
+    from .config import load_config, read_yaml_mapping
 
     ov = list(args.overrides)
     settings = _split_policy_overrides(ov)
     preset = _preset(args)
     if args.m is not None:
         ov.append(f"m={args.m}")
-    cfg = load_config(EvalConfig, args.config, ov, base=EvalConfig(steps=preset.steps) if preset is not None else None)
     target = Path(args.run)
     if not target.is_dir():
         raise CLIError(f"{target}: {'not a folder' if target.exists() else 'no such folder'}; pass a training run folder (or a policy folder)")
+    # rank with the reward the run trained on, unless the user names a reward
+    told = {o.split("=", 1)[0].strip() for o in ov} | (set(read_yaml_mapping(args.config)) if args.config else set())
+    trained = {} if told & set(REWARD_KEYS) else run_reward(target)
+    base = EvalConfig(**({"steps": preset.steps} if preset is not None else {}), **trained)
+    cfg = load_config(EvalConfig, args.config, ov, base=base)
+    if trained:
+        log.info("ranking with the reward %s trained on: %s", target.name,
+                 cfg.reward + " " + ", ".join(cfg.nr_metrics if cfg.reward == "attribute" else [*cfg.fr_metrics, *cfg.nr_metrics]))
     if args.out:
         _writable_folder(Path(args.out), "--out")
     pol_dir = target / "policy" if ((target / "policy" / "config.json").is_file() or (target / "policy" / "sralign_policy.json").is_file()) else target

@@ -157,6 +157,9 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     for k, v in data.items():
         tp = types.get(k)
         if dataclasses.is_dataclass(tp):
+            factory = names[k].default_factory
+            if isinstance(v, dict) and factory is not dataclasses.MISSING:
+                v = _with_field_defaults(tp, factory(), v)
             kwargs[k] = from_dict(tp, v, where=f"{where}{k}.")
         elif typing.get_origin(tp) is tuple and isinstance(v, list):
             kwargs[k] = tuple(v)
@@ -174,6 +177,21 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
             kwargs[k] = v
     cfg = cls(**kwargs)
     return validate(cfg, where) if not where else cfg
+
+
+def _with_field_defaults(tp: type, default: Any, data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` for a nested section over the values in which the field's own default instance
+    differs from its type's (``EvalConfig.lr_set`` is the held-out split, seed 123: setting
+    ``lr_set.n`` must not turn it into ``LRSetConfig()``'s training split). Values a preset may
+    set are left to the preset wherever the field keeps its type's default."""
+    own = to_dict(default)
+    try:
+        plain = to_dict(tp())
+    except TypeError:
+        plain = {}
+    merged = {k: v for k, v in own.items() if k not in plain or plain[k] != v}
+    _deep_update(merged, data)
+    return merged
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

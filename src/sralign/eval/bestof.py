@@ -16,6 +16,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..policies.base import STOCHASTIC_SAMPLERS, SRPolicy, condition_captioned
+from ..rewards.attribute import AttributeReward
 from ..rewards.hybrid import HybridReward, score_group
 from ..rewards.registry import get_metric
 from ..rewards.relative import side_of
@@ -56,6 +57,11 @@ def best_mean_worst(r: Tensor, higher_is_better: bool = True) -> dict[str, list[
     return {"best": best, "mean": mean, "worst": worst}
 
 
+def seed_std(r: Tensor) -> float:
+    """Mean over images of the std over seeds of r [n,M] (Bessel-corrected; 0 for M = 1)."""
+    return float(r.std(1).mean()) if r.shape[1] > 1 else 0.0
+
+
 @dataclass
 class EvalResult:
     m: int
@@ -72,6 +78,7 @@ class EvalResult:
     bicubic: dict[str, float] = field(default_factory=dict)  # metric -> bicubic upsampling's mean score
     flags: dict[str, list[str]] = field(default_factory=dict)  # aligned row -> reasons (empty: none)
     thresholds: dict[str, float] = field(default_factory=dict)
+    reward_kind: str = "hybrid"  # "hybrid" (DP²O-SR) or "attribute" (GDPO-SR)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -92,7 +99,7 @@ def evaluate_policies(
     specs: dict[str, PolicySpec],
     hr: Tensor,
     lr: Tensor,
-    reward: HybridReward,
+    reward: HybridReward | AttributeReward,
     heldout_metrics: list[str],
     m: int = 16,
     seed: int = 1000,
@@ -102,7 +109,8 @@ def evaluate_policies(
 ) -> tuple[EvalResult, dict[str, Tensor]]:
     """Sample M seeds per held-out LR for every spec; reward curves and per-metric statistics.
 
-    The reward is normalised per LR over all specs' samples pooled, so rows share one scale.
+    The reward (DP²O-SR's hybrid or GDPO-SR's attribute-aware one) is normalised per LR over all
+    specs' samples pooled, so rows share one scale.
     Beside the policies: the HR's own no-reference scores, bicubic upsampling's scores, each
     row's sharpness and smooth-region noise relative to the HR, and the hacking flags of every
     row that has a baseline (``eval.hacking``).
@@ -118,14 +126,15 @@ def evaluate_policies(
     extra = [get_metric(n) for n in heldout_metrics if n not in reward.names]
     raw = {k: score_group([*reward.metrics, *extra], v, hr) for k, v in samples.items()}
     pooled = {mn: torch.cat([raw[k][mn] for k in names], dim=1) for mn in reward.names}
-    total = reward.from_scores(pooled).total
-    res = EvalResult(m=m, reward_names=reward.names, heldout_metrics=[x.name for x in extra])
+    total = reward.ranks(pooled, hr).total
+    res = EvalResult(m=m, reward_names=reward.names, heldout_metrics=[x.name for x in extra],
+                     reward_kind="attribute" if isinstance(reward, AttributeReward) else "hybrid")
     per = {}
     for i, k in enumerate(names):
         r = total[:, i * m : (i + 1) * m]
         per[k] = r
         res.reward[k] = best_mean_worst(r)
-        res.reward_std[k] = float(r.std(1).mean())
+        res.reward_std[k] = seed_std(r)
     for k, sp in specs.items():
         if sp.baseline is not None:
             b = per[sp.baseline]
@@ -136,7 +145,7 @@ def evaluate_policies(
             v = raw[k][metric.name]
             curves = best_mean_worst(v, metric.higher_is_better)
             res.metrics[metric.name][k] = {
-                "mean": float(v.mean()), "std_per_image": float(v.std(1).mean()),
+                "mean": float(v.mean()), "std_per_image": seed_std(v),
                 "best@M": curves["best"][-1], "worst@M": curves["worst"][-1],
                 "higher_is_better": metric.higher_is_better, "in_reward": metric.name in reward.names,
             }

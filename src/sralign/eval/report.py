@@ -78,18 +78,31 @@ def format_table(result, markdown: bool = True) -> str:
     return "\n".join(lines)
 
 
+CLAIM = "Worst@M rises more than Mean@M and per-image std falls"
+
+
+def spread_claim(d_mean: float, d_worst: float, d_std: float) -> bool:
+    """DP²O-SR's claim for one aligned policy against its reference: Worst@M rises
+    (``d_worst`` > 0) by more than Mean@M does (``d_worst`` > ``d_mean``) and the reward's
+    per-image std over the M seeds falls (``d_std`` < 0). Changes in reward units."""
+    return d_worst > 0 and d_worst > d_mean and d_std < 0
+
+
 def delta_rows(result) -> list[dict]:
     """Each aligned policy against its reference (same sampler and seeds): changes of the reward's
-    Mean@M / Worst@M / per-image std and of the held-out fidelity metrics, sharpness and noise
-    relative to the HR, and the hacking flags — the figures a claim of improvement rests on."""
+    Mean@M / Worst@M / per-image std, DP²O-SR's spread claim (``ΔWorst−ΔMean``, ``spread claim``
+    yes/no: ``spread_claim``), the held-out fidelity metrics, sharpness and noise relative to the
+    HR, and the hacking flags — the figures a claim of improvement rests on."""
     rows = []
     for name, reasons in getattr(result, "flags", {}).items():
         ref = next((r for r in result.reward if r.startswith("reference (") and result.samplers.get(r) == result.samplers.get(name)), None)
         if ref is None:
             continue
         cur, base = result.reward[name], result.reward[ref]
-        row = {"policy": name, "vs": ref, "ΔMean@M": cur["mean"][-1] - base["mean"][-1], "ΔWorst@M": cur["worst"][-1] - base["worst"][-1],
-               "Δstd/img": result.reward_std[name] - result.reward_std[ref]}
+        d_mean, d_worst = cur["mean"][-1] - base["mean"][-1], cur["worst"][-1] - base["worst"][-1]
+        d_std = result.reward_std[name] - result.reward_std[ref]
+        row = {"policy": name, "vs": ref, "ΔMean@M": d_mean, "ΔWorst@M": d_worst, "Δstd/img": d_std,
+               "ΔWorst−ΔMean": d_worst - d_mean, "spread claim": "yes" if spread_claim(d_mean, d_worst, d_std) else "no"}
         for f in ("psnr", "ssim"):
             if f in result.metrics:
                 row[f"Δ{f}"] = result.metrics[f][name]["mean"] - result.metrics[f][ref]["mean"]
@@ -99,7 +112,20 @@ def delta_rows(result) -> list[dict]:
     return rows
 
 
+def claim_line(result) -> str:
+    """One sentence: for which aligned policies DP²O-SR's spread claim holds ("" without any)."""
+    rows = delta_rows(result)
+    if not rows:
+        return ""
+    yes = [r["policy"] for r in rows if r["spread claim"] == "yes"]
+    no = [r["policy"] for r in rows if r["spread claim"] != "yes"]
+    parts = ([f"holds for {', '.join(yes)}"] if yes else []) + ([f"does not hold for {', '.join(no)}"] if no else [])
+    return f"DP²O-SR's claim ({CLAIM}, against the reference at equal seeds): {'; '.join(parts)}."
+
+
 def format_deltas(result) -> str:
+    """The per-policy change table (Markdown) with the spread-claim sentence under it ("" when no
+    policy has a reference)."""
     rows = delta_rows(result)
     if not rows:
         return ""
@@ -111,7 +137,7 @@ def format_deltas(result) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join(fmt(r.get(c)) if not c.endswith("/HR") else f"{r[c]:.3f}" for c in cols) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n\n" + claim_line(result)
 
 
 def legend(result) -> str:
@@ -125,16 +151,26 @@ def legend(result) -> str:
             f"scores only; gap: metrics are 0 there). A policy is flagged when, against its reference at equal seeds, a "
             f"no-reference metric improves by more than {th['nr_gain']:.0%} while held-out PSNR falls by more than "
             f"{th['psnr_drop_db']} dB or SSIM by more than {th['ssim_drop']}, or when sharp/HR exceeds {th['sharp_max']} "
-            f"or noise/HR exceeds {th['noise_max']} (and its reference's).")
+            f"or noise/HR exceeds {th['noise_max']} (and its reference's). Spread claim (DP²O-SR): yes when, against "
+            f"the reference, Worst@M rises by more than Mean@M (ΔWorst@M > 0 and ΔWorst−ΔMean > 0) and std/img falls.")
 
 
 def _html_table(table_md: str, title: str) -> str:
     if not table_md:
         return ""
-    rows = table_md.splitlines()
+    rows = [r for r in table_md.splitlines() if r.startswith("|")]
+    notes = "".join(f"<p>{html.escape(r)}</p>" for r in table_md.splitlines() if r.strip() and not r.startswith("|"))
     th = "".join(f"<th>{html.escape(c.strip())}</th>" for c in rows[0].strip("|").split("|"))
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in r.strip("|").split("|")) + "</tr>" for r in rows[2:])
-    return f"<h2>{html.escape(title)}</h2><table><tr>{th}</tr>{body}</table>"
+    return f"<h2>{html.escape(title)}</h2><table><tr>{th}</tr>{body}</table>{notes}"
+
+
+def reward_words(result) -> str:
+    """The ranking reward in words: its kind and metrics."""
+    names = ", ".join(result.reward_names)
+    if getattr(result, "reward_kind", "hybrid") == "attribute":
+        return f"GDPO-SR's attribute-aware reward (PSNR-Y on the HR's smooth area, {', '.join(result.reward_names[1:])} on its texture)"
+    return f"DP²O-SR's hybrid reward ({names})"
 
 
 def write_report(out: str | Path, result, figures: dict[str, Path], meta: dict) -> tuple[Path, Path]:
@@ -142,7 +178,8 @@ def write_report(out: str | Path, result, figures: dict[str, Path], meta: dict) 
     (inside ``out``); ``meta``: config and timing to print."""
     out = Path(out)
     table_md = format_table(result)
-    md = ["# sralign report\n", f"M = {result.m} seeds per held-out LR image; reward = {', '.join(result.reward_names)}; "
+    images = f"Images: {meta['images']}. " if meta.get("images") else ""
+    md = ["# sralign report\n", f"{images}M = {result.m} seeds per held-out LR image; reward = {reward_words(result)}; "
           f"held-out metrics: {', '.join(result.heldout_metrics) or 'none'}.\n", table_md, "", legend(result), ""]
     if format_deltas(result):
         md += ["Each aligned policy against its reference:\n", format_deltas(result), ""]
@@ -163,7 +200,7 @@ def write_report(out: str | Path, result, figures: dict[str, Path], meta: dict) 
 table{{border-collapse:collapse;font-size:13px}}td,th{{border:1px solid #ccc;padding:3px 7px;text-align:right}}
 th{{background:#f3f3f3}}pre{{background:#f6f6f6;padding:1em;overflow:auto;font-size:12px}}</style></head><body>
 <h1>sralign report</h1>
-<p>M = {result.m} seeds per held-out LR image. Reward: {html.escape(', '.join(result.reward_names))}.
+<p>{html.escape(images)}M = {result.m} seeds per held-out LR image. Reward: {html.escape(reward_words(result))}.
 Held-out metrics (not trained on): {html.escape(', '.join(result.heldout_metrics) or 'none')}.
 ↑/↓: higher/lower is better. Win rate: share of (image, seed) where the policy beats its baseline at equal seed.</p>
 <table><tr>{th}</tr>{body}</table>

@@ -11,27 +11,32 @@ import torch
 
 from ..config import check_metric_names, ranged, validate
 from ..policies import load_policy
+from ..rewards.attribute import TEXTURE_RULES, AttributeReward
 from ..rewards.hybrid import DEFAULT_FR, DEFAULT_NR, HybridReward
 from ..train.candidates import LRSetConfig, make_lr_set
 from .bestof import PolicySpec, evaluate_policies
 from .grid import save_grid
 from .hacking import HackingThresholds
 from .plots import plot_bestof, plot_training
-from .report import format_table, write_report
+from .report import delta_rows, format_deltas, format_table, summary_rows, write_report
 
 
 @dataclass
 class EvalConfig:
-    """``sralign eval``: M seeds per held-out LR, the reward the methods trained on
-    (``fr_metrics`` / ``nr_metrics``, the training default unless told), ``heldout_metrics``
-    that no method trained on (PSNR and SSIM: fidelity; raw BRISQUE / NIQE-s shown beside the
-    HR's own values), and the ``hacking`` thresholds that flag a policy."""
+    """``sralign eval``: M seeds per held-out LR, the reward the methods trained on (``reward``
+    "hybrid" with ``fr_metrics`` / ``nr_metrics``, or GDPO-SR's "attribute" reward: PSNR-Y and
+    ``nr_metrics`` weighted by the HR's smooth / textured area under ``texture_rule``;
+    ``sralign eval RUN`` reads them from the run's config.yaml unless told), ``heldout_metrics``
+    (PSNR and SSIM: fidelity, held out where no method trained on them; raw BRISQUE / NIQE-s
+    shown beside the HR's own values), and the ``hacking`` thresholds that flag a policy."""
 
     m: int = ranged(16, ge=1)
     steps: int = ranged(10, ge=1, le=1000)
     seed: int = ranged(1000, ge=0)
+    reward: str = ranged("hybrid", choices=("hybrid", "attribute"))
     fr_metrics: list[str] = field(default_factory=lambda: list(DEFAULT_FR))
     nr_metrics: list[str] = field(default_factory=lambda: list(DEFAULT_NR))
+    texture_rule: str = ranged("sralign", choices=TEXTURE_RULES)
     heldout_metrics: list[str] = field(default_factory=lambda: ["psnr", "ssim", "brisque", "niqe_s"])
     hacking: HackingThresholds = field(default_factory=HackingThresholds)
     lr_set: LRSetConfig = field(default_factory=lambda: LRSetConfig(split="heldout", n=8, patch=64, seed=123))
@@ -39,10 +44,43 @@ class EvalConfig:
     grid_seeds: int = ranged(3, ge=1)
 
     def cross_check(self) -> str | None:
+        if self.reward == "attribute":
+            if not self.nr_metrics:
+                return "nr_metrics is empty; the attribute reward's texture side needs at least one NR metric"
+            return check_metric_names("nr_metrics", self.nr_metrics, "NR") or check_metric_names("heldout_metrics", self.heldout_metrics)
         if not self.fr_metrics and not self.nr_metrics:
             return "fr_metrics and nr_metrics are both empty; the reward needs at least one metric"
         return (check_metric_names("fr_metrics", self.fr_metrics, "FR") or check_metric_names("nr_metrics", self.nr_metrics, "NR")
                 or check_metric_names("heldout_metrics", self.heldout_metrics))
+
+
+def build_eval_reward(cfg: EvalConfig) -> HybridReward | AttributeReward:
+    """The reward that ranks every row (``cfg.reward``; the attribute reward ignores fr_metrics)."""
+    if cfg.reward == "attribute":
+        return AttributeReward.from_names(cfg.nr_metrics, rule=cfg.texture_rule)
+    return HybridReward.from_names(cfg.fr_metrics, cfg.nr_metrics)
+
+
+#: the reward settings ``sralign eval RUN`` takes from the run's config.yaml
+REWARD_KEYS = ("reward", "fr_metrics", "nr_metrics", "texture_rule")
+
+
+def run_reward(run_dir: str | Path) -> dict:
+    """The reward a training run trained on ({key: value} of ``REWARD_KEYS`` in its
+    ``config.yaml``; {} without one). Offline runs (DP²O-SR, Diffusion-DPO) have no ``reward``
+    key: their metrics make a hybrid reward."""
+    p = Path(run_dir) / "config.yaml"
+    if not p.is_file():
+        return {}
+    import yaml
+
+    cfg = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(cfg, dict):
+        return {}
+    out = {k: cfg[k] for k in REWARD_KEYS if k in cfg}
+    if "reward" not in out and ("fr_metrics" in out or "nr_metrics" in out):
+        out["reward"] = "hybrid"
+    return out
 
 
 def run_sampler(run_dir: str | Path) -> str:
@@ -84,7 +122,7 @@ def run_eval(
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     samplers = samplers or {}
-    reward = HybridReward.from_names(cfg.fr_metrics, cfg.nr_metrics)
+    reward = build_eval_reward(cfg)
     ids, lr, hr, prompts = heldout_set(cfg)
     specs: dict[str, PolicySpec] = {}
     for label, pol in policies.items():
@@ -97,7 +135,9 @@ def run_eval(
         specs[label] = PolicySpec(policy, sampler=sampler, steps=steps, baseline=ref_label)
     result, samples = evaluate_policies(specs, hr, lr, reward, cfg.heldout_metrics, m=cfg.m, seed=cfg.seed, progress=progress,
                                         prompts=prompts, thresholds=cfg.hacking)
-    (out / "eval.json").write_text(json.dumps(result.to_dict(), indent=1))
+    # the result, plus the report's two tables as rows (the summary with its HR and bicubic rows,
+    # and each aligned policy against its reference)
+    (out / "eval.json").write_text(json.dumps({**result.to_dict(), "table": summary_rows(result), "vs_reference": delta_rows(result)}, indent=1))
     figures = {"Best@M / Mean@M / Worst@M": plot_bestof(result, out / "bestof.png")}
     # image grids: LR | reference seeds | aligned seeds | HR, per image, one grid per aligned policy
     k = min(cfg.grid_seeds, cfg.m)
@@ -111,8 +151,17 @@ def run_eval(
         tp = plot_training(run_dirs, out / "training.png")
         if tp is not None:
             figures["Training curves"] = tp
-    full_meta = {"eval_config": asdict(cfg), "eval_seconds": round(time.time() - t0, 1), **(meta or {})}
+    full_meta = {"images": image_source(cfg, len(ids)), "eval_config": asdict(cfg), "eval_seconds": round(time.time() - t0, 1), **(meta or {})}
     write_report(out, result, figures, full_meta)
     if progress:
         print(format_table(result))
+        print()
+        print(format_deltas(result))
     return result
+
+
+def image_source(cfg: EvalConfig, n: int) -> str:
+    """Where the evaluated crops come from, in words (for the report's header)."""
+    ls = cfg.lr_set
+    src = f"your HR images in {ls.hr_dir}" if ls.hr_dir else f"the bundled {ls.split} photographs"
+    return f"{n} crops of {ls.patch}² px from {src} (seed {ls.seed}), degraded ({ls.degradation}, ×{ls.scale})"

@@ -12,11 +12,14 @@ from torch import Tensor
 
 from .base import Metric, MetricError, RewardOut
 from .functional import psnr_y, rgb_to_y, sobel_magnitude
-from .hybrid import check_finite, group_minmax, score_group
+from .hybrid import DEFAULT_NR, check_finite, group_minmax, score_group
 from .registry import get_metric
+from .relative import side_of
 
 
 TEXTURE_RULES = ("sralign", "authors")
+#: The texture side's default metrics: the default hybrid's NR half (HR-relative, optimum at the HR).
+DEFAULT_NR_ATTRIBUTE = DEFAULT_NR
 
 
 def opencv_gray_of_rgb(x: Tensor) -> Tensor:
@@ -114,10 +117,18 @@ class AttributeReward:
     """r = f_smooth·norm(PSNR-Y) + f_texture·mean_i norm(NR_i), norm = group min-max.
 
     f_smooth / f_texture are the smooth / texture area fractions of the HR (``texture_map``).
-    Reference code: NR = MANIQA, MUSIQ (pyiqa); built-in default: BRISQUE, NIQE-style.
+    Reference code: NR = MANIQA, MUSIQ (pyiqa, raw scores). sralign's default
+    (``DEFAULT_NR_ATTRIBUTE``, the default hybrid's NR half): ``gap:brisque``, ``gap:niqe_s`` —
+    each read against the HR's own score, −|NR(SR) − NR(HR)|, so both sides of the reward are at
+    their best when SR = HR and its optimum is the truth (a raw BRISQUE / NIQE pays for grain).
+
+    The texture side takes any perceptual-side metric: raw no-reference ones are called on the SR
+    alone, HR-relative ones (``gap:NAME``, ``gap:pyiqa:NAME``: ``kind`` "FR", ``side`` "NR") get
+    the group's HR as well.
 
     ``per_region=True``: fidelity is PSNR-Y on smooth pixels only, and each NR metric scores the
-    SR with its smooth pixels replaced by the HR's (so only texture pixels can move it).
+    SR with its smooth pixels replaced by the HR's (so only texture pixels can move it; a gap:
+    metric compares that composite with the HR).
     """
 
     nr: list[Metric] = field(default_factory=list)
@@ -128,10 +139,13 @@ class AttributeReward:
 
     @classmethod
     def from_names(cls, nr: list[str], **kw) -> "AttributeReward":
+        """The reward with texture-side metrics ``nr`` (registry names: ``brisque``,
+        ``gap:niqe_s``, ``pyiqa:musiq``, …); full-reference metrics are refused."""
         ms = [get_metric(n) for n in nr]
         for m in ms:
-            if m.kind != "NR":
-                raise MetricError(f"{m.name} is full-reference; the attribute reward's texture side takes NR metrics")
+            if side_of(m) != "NR":
+                raise MetricError(f"{m.name} is full-reference; the attribute reward's texture side takes no-reference "
+                                  f"metrics (raw, or read against the HR: gap:NAME)")
         return cls(ms, **kw)
 
     @property
@@ -139,6 +153,7 @@ class AttributeReward:
         return ["psnr", *[m.name for m in self.nr]]
 
     def __call__(self, sr: Tensor, hr: Tensor) -> RewardOut:
+        """sr [n,G,3,H,W], hr [n,3,H,W] in [0,1] -> ``RewardOut`` with total [n,G] in [0,1]."""
         if hr is None:
             raise MetricError("the attribute-aware reward needs the HR image (texture map and PSNR)")
         n, g = sr.shape[:2]
@@ -148,15 +163,34 @@ class AttributeReward:
         flat = sr.reshape(n * g, *sr.shape[2:])
         hr_rep = hr.repeat_interleave(g, 0)
         tex_rep = tex.repeat_interleave(g, 0)
+        # score_group hands the HR to the metrics that need it (gap:NAME) and not to raw NR ones
         if self.per_region:
             fid = masked_psnr_y(flat, hr_rep, 1 - tex_rep).reshape(n, g)
             composite = (flat * tex_rep + hr_rep * (1 - tex_rep)).reshape_as(sr)
-            raw = score_group(self.nr, composite, None)
+            raw = score_group(self.nr, composite, hr)
         else:
             fid = psnr_y(flat, hr_rep).reshape(n, g)
-            raw = score_group(self.nr, sr, None)
+            raw = score_group(self.nr, sr, hr)
         raw = {"psnr": check_finite("psnr", fid), **raw}
         return self.from_scores(raw, f_smooth, f_tex)
+
+    @property
+    def metrics(self) -> list[Metric]:
+        """The metrics whose raw scores make the reward: PSNR-Y (the registry's ``psnr``) and the
+        texture side's."""
+        return [get_metric("psnr"), *self.nr]
+
+    def areas(self, hr: Tensor) -> tuple[Tensor, Tensor]:
+        """(f_smooth, f_texture) [n,1] of hr [n,3,H,W]: the HR's smooth / textured area shares."""
+        f_tex = texture_map(hr, self.patch, self.threshold, rule=self.rule).flatten(1).mean(1)[:, None]
+        return 1 - f_tex, f_tex
+
+    def ranks(self, raw: dict[str, Tensor], hr: Tensor) -> RewardOut:
+        """The reward from raw scores {``psnr`` and each NR name: [n,K]} of K samples per HR
+        (e.g. several policies' samples pooled, scored with ``metrics``) and hr [n,3,H,W]."""
+        if self.per_region:
+            raise MetricError("ranks() reads whole-image scores; per_region=True scores composites (call the reward instead)")
+        return self.from_scores(raw, *self.areas(hr))
 
     def from_scores(self, raw: dict[str, Tensor], f_smooth: Tensor, f_tex: Tensor) -> RewardOut:
         norm = {"psnr": group_minmax(raw["psnr"], True)}

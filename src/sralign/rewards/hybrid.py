@@ -93,6 +93,11 @@ class HybridReward:
             raise MetricError("the hybrid reward has FR (or gap:) metrics: pass hr, or use raw NR metrics only")
         return self.from_scores(score_group(self.metrics, sr, hr))
 
+    def ranks(self, raw: dict[str, Tensor], hr: Tensor | None = None) -> RewardOut:
+        """``from_scores`` (the HR is not needed once the scores exist; the signature matches
+        ``AttributeReward.ranks``)."""
+        return self.from_scores(raw)
+
     def from_scores(self, raw: dict[str, Tensor]) -> RewardOut:
         """The reward from stored raw scores {metric name: [n,G]} (e.g. from a candidate store)."""
         norm = {}

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 from ..config import check_metric_names, ranged
 from ..losses.grpo import KL_FORMS
-from ..rewards.attribute import TEXTURE_RULES
+from ..rewards.attribute import DEFAULT_NR_ATTRIBUTE, TEXTURE_RULES
 from ..policies.base import SAMPLERS
 from ..rewards.hybrid import DEFAULT_FR, DEFAULT_NR
 from .candidates import LRSetConfig
@@ -130,6 +130,12 @@ class GDPOConfig(OnlineConfig):
     | grad_clip | 1.0 | ``--max_grad_norm`` default 1.0 |
     | texture_rule | authors | training_utils_realsr.py: ``cv2.cvtColor(..., COLOR_BGR2GRAY)`` on RGB; mask.py: entropy·h·w > 50 |
     | warmup | 0 | ``--lr_scheduler constant`` (diffusers' constant schedule has no warmup) |
+
+    The preset leaves ``nr_metrics`` alone: the authors' texture side scores raw MANIQA and MUSIQ
+    (pyiqa, learned, downloaded weights); sralign's default reads BRISQUE and NIQE-s against the
+    HR (``gap:brisque``, ``gap:niqe_s``) so that the reward's optimum is the HR. For the authors'
+    metrics pass ``nr_metrics=[pyiqa:maniqa,pyiqa:musiq]`` (or ``[gap:pyiqa:maniqa,gap:pyiqa:musiq]``
+    to read them against the HR).
     """
 
     AUTHORS: ClassVar[dict[str, Any]] = {
@@ -142,8 +148,9 @@ class GDPOConfig(OnlineConfig):
     group: int = 6
     beta: float | None = ranged(None, gt=0)
     reward: str = "attribute"
-    # the attribute reward's texture side scores raw NR metrics (no HR passed to them)
-    nr_metrics: list[str] = field(default_factory=lambda: ["brisque", "niqe_s"])
+    # the attribute reward's texture side: the default hybrid's NR half, read against the HR
+    # (gap:brisque, gap:niqe_s), so the reward's optimum is the HR; raw NR metrics work too
+    nr_metrics: list[str] = field(default_factory=lambda: list(DEFAULT_NR_ATTRIBUTE))
     rollout_from: str = "reference"
     sampler: str = "onestep"
     steps: int = 1
