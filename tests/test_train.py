@@ -465,3 +465,108 @@ def test_resume_of_a_run_saved_before_a_field_existed(dgpo_run):
     cfg.adv_eps = 1e-3
     with pytest.raises(CheckpointError, match=r"adv_eps: run has 1e-08, now 0.001"):
         check_resume(dgpo_run, cfg)
+
+
+# ---------------------------------------------------------------------------- issue 14: overlapped rollouts, autocast
+import logging  # noqa: E402
+import threading  # noqa: E402
+
+
+def _overlap_run(out, policy_dir, cfg_cls=GDPOConfig, steps_total=3, callback=None, resume=False, **kw):  # noqa: F811
+    cfg = cfg_cls(steps_total=steps_total, batch_lr=2, group=3, checkpoint_every=1, lr_set=LRSetConfig(n=3, patch=32), **kw)
+    tr = OnlineTrainer(load_policy(str(policy_dir)), cfg, out)
+    threads = []
+    prepare = tr._prepare
+    tr._prepare = lambda: (threads.append(threading.current_thread().name), prepare())[1]
+    tr.train(progress=False, resume=resume, callback=callback)
+    return tr, threads
+
+
+def test_overlapped_rollouts_give_the_sequential_result(tmp_path, policy_dir, caplog):  # noqa: F811
+    with caplog.at_level(logging.INFO, logger="sralign.train.online"):
+        on, t_on = _overlap_run(tmp_path / "on", policy_dir, overlap_rollouts=True)
+    off, t_off = _overlap_run(tmp_path / "off", policy_dir, overlap_rollouts=False)
+    assert on.overlap and not off.overlap
+    assert sum("rollouts: overlapped" in r.getMessage() for r in caplog.records) == 1
+    # steps 2 and 3 were rolled out in the background thread; sequentially all in the main thread
+    assert t_on[0] == threading.main_thread().name and all(n.startswith("sralign-rollout") for n in t_on[1:]) and len(t_on) == 3
+    assert t_off == [threading.main_thread().name] * 3
+    a, b = on.policy.model.state_dict(), off.policy.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], on.policy._ref.state_dict()[k]) for k in a if k.startswith("unet."))
+    ra, rb = read_metrics(tmp_path / "on"), read_metrics(tmp_path / "off")
+    assert [(r["reward_mean"], r["loss"]) for r in ra] == [(r["reward_mean"], r["loss"]) for r in rb] and len(ra) == 3
+    assert torch.equal(on.gen.get_state(), off.gen.get_state())
+
+
+def test_overlapped_run_stopped_after_a_prefetch_resumes_to_the_same_result(tmp_path, policy_dir):  # noqa: F811
+    full, _ = _overlap_run(tmp_path / "full", policy_dir, steps_total=4)
+    # stop after step 2: step 3's rollouts were already drawn in the background, then dropped
+    part, threads = _overlap_run(tmp_path / "part", policy_dir, steps_total=4, callback=lambda tr: tr.step == 2)
+    assert part.step == 2 and len(threads) == 3
+    rest, _ = _overlap_run(tmp_path / "part", policy_dir, steps_total=4, resume=True)
+    a, b = full.policy.model.state_dict(), rest.policy.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["reward_mean"] for r in read_metrics(tmp_path / "full")] == [r["reward_mean"] for r in read_metrics(tmp_path / "part")]
+
+
+@pytest.mark.parametrize("cfg_cls,kw", [(DGPOConfig, {}), (GRPOConfig, {"steps": 2}), (GDPOConfig, {"rollout_from": "policy"})])
+def test_rollouts_from_a_moving_model_stay_sequential(tmp_path, policy_dir, cfg_cls, kw, caplog):  # noqa: F811
+    with caplog.at_level(logging.INFO, logger="sralign.train.online"):
+        tr, threads = _overlap_run(tmp_path, policy_dir, cfg_cls, steps_total=2, overlap_rollouts=True, **kw)
+    assert not tr.overlap and tr.rollout_path.startswith("sequential")
+    assert threads == [threading.main_thread().name] * 2
+    assert any(f"rollouts: sequential: rollouts come from the {tr.cfg.rollout_from}" in r.getMessage() for r in caplog.records)
+
+
+def test_dgpo_from_the_reference_overlaps_with_the_same_result(tmp_path, policy_dir):  # noqa: F811
+    kw = dict(rollout_from="reference", steps=3, train_timesteps="discrete", trunc_steps=2, n_train_timesteps=2)
+    on, t_on = _overlap_run(tmp_path / "on", policy_dir, DGPOConfig, **kw)
+    off, _ = _overlap_run(tmp_path / "off", policy_dir, DGPOConfig, overlap_rollouts=False, **kw)
+    assert on.overlap and t_on[-1].startswith("sralign-rollout")
+    a, b = on.policy.model.state_dict(), off.policy.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _conv_dtypes(*modules):
+    """Forward hooks on the first conv of each of ``modules``: record (grad enabled, output dtype)."""
+    seen = []
+    for module in modules:
+        conv = next(m for m in module.modules() if isinstance(m, torch.nn.Conv2d))
+        conv.register_forward_hook(lambda m, i, o: seen.append((torch.is_grad_enabled(), o.dtype)))
+    return seen
+
+
+def _all_float32_with_grads(params):
+    params = list(params)
+    return all(p.dtype == torch.float32 for p in params) and all(p.grad is not None and p.grad.dtype == torch.float32 for p in params) \
+        and any(float(p.grad.abs().sum()) > 0 for p in params)
+
+
+@pytest.mark.parametrize("cfg_cls", [GDPOConfig, DGPOConfig, GRPOConfig])
+def test_online_bf16_autocasts_forwards_and_keeps_float32_parameters(tmp_path, policy_dir, cfg_cls):  # noqa: F811
+    cfg = cfg_cls(steps_total=1, batch_lr=2, group=3, steps=2 if cfg_cls is not GDPOConfig else 1, mixed_precision="bf16",
+                  lr_set=LRSetConfig(n=3, patch=32))
+    tr = OnlineTrainer(load_policy(str(policy_dir)), cfg, tmp_path)
+    seen = _conv_dtypes(tr.policy.model.unet, tr.policy._ref.unet)  # rollouts and DSM terms of π_ref too
+    b = tr._prepare()
+    assert (False, torch.bfloat16) in seen and b.samples.images.dtype == torch.float32  # rollout under autocast
+    seen.clear()
+    adv = tr.advantages(tr.score(b.samples.images, b.idx, b.hr).total)
+    tr.opt.zero_grad(set_to_none=True)
+    loss, _ = tr.loss(b.cond, b.samples, adv)
+    assert (True, torch.bfloat16) in seen and (True, torch.float32) not in seen  # the training forward
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert _all_float32_with_grads(tr.policy.trainable_parameters())
+
+
+def test_offline_bf16_autocasts_forwards_and_keeps_float32_parameters(tmp_path, scored_store, policy_dir):  # noqa: F811
+    p = load_policy(str(policy_dir))
+    cfg = DP2OConfig(steps=1, batch_pairs=4, n=2, mixed_precision="bf16")
+    tr = OfflineTrainer(p, CandidateStore(scored_store, repair=False), cfg, tmp_path / "run")
+    seen = _conv_dtypes(p.model.unet)
+    tr.opt.zero_grad(set_to_none=True)
+    stats = tr.accumulate(tr.pairs[:4])
+    assert (True, torch.bfloat16) in seen and (True, torch.float32) not in seen
+    assert all(isinstance(v, float) for v in stats.values()) and abs(stats["loss"]) < float("inf")
+    assert _all_float32_with_grads(p.trainable_parameters())
