@@ -519,6 +519,30 @@ def test_rollouts_from_a_moving_model_stay_sequential(tmp_path, policy_dir, cfg_
     assert any(f"rollouts: sequential: rollouts come from the {tr.cfg.rollout_from}" in r.getMessage() for r in caplog.records)
 
 
+def test_lora_backend_overlaps_the_scoring_only_with_the_same_result(tmp_path):
+    """OneStepSD (LoRA: reference() disables adapters module-wide) has no reference view: the
+    update waits for the background rollout, and the parameters match the sequential run's."""
+    from diffusers_helpers import METRICS, tiny_sd_unet, tiny_vae
+    from sralign.policies.diffusers import OneStepSD
+
+    torch.manual_seed(0)
+    d = tmp_path / "tiny-sd"
+    tiny_vae().save_pretrained(d / "vae")
+    tiny_sd_unet().save_pretrained(d / "unet")
+    params = {}
+    for overlap in (True, False):
+        cfg = GDPOConfig(steps_total=3, batch_lr=1, group=3, reward="hybrid", overlap_rollouts=overlap,
+                         lr_set=LRSetConfig(n=2, patch=32), **METRICS)
+        torch.manual_seed(1)  # the LoRA adapters' initialisation
+        tr = OnlineTrainer(OneStepSD.from_pretrained(d), cfg, tmp_path / f"run{overlap}")
+        init = [p.detach().clone() for p in tr.policy.trainable_parameters()]
+        assert tr.overlap is overlap and (not overlap or "the update waits" in tr.rollout_path)
+        tr.train(progress=False)
+        params[overlap] = [p.detach().clone() for p in tr.policy.trainable_parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(params[True], params[False])) and len(params[True]) > 0
+    assert any(not torch.equal(a, b) for a, b in zip(params[True], init))
+
+
 def test_dgpo_from_the_reference_overlaps_with_the_same_result(tmp_path, policy_dir):  # noqa: F811
     kw = dict(rollout_from="reference", steps=3, train_timesteps="discrete", trunc_steps=2, n_train_timesteps=2)
     on, t_on = _overlap_run(tmp_path / "on", policy_dir, DGPOConfig, **kw)

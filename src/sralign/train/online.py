@@ -17,9 +17,10 @@ accumulate, each micro-batch weighted by its share of the batch.
 Overlap (``overlap_rollouts``, where the method allows it): when step k+1's rollouts do not
 depend on step k's update — ``rollout_from=reference``, the frozen π_ref (GDPO-SR's default) —
 a background thread draws step k+1's LR batch and rolls it out while the main thread scores
-step k's rewards (torch ops release the GIL; rewards never touch the model). The update of step
-k waits for that rollout (a backend's ``reference()`` switches shared modules: LoRA adapters off),
-then runs. Every random draw comes from the trainer's seeded generator in one fixed order (LR
+step k's rewards (torch ops release the GIL; rewards never touch the model) and runs its update.
+The thread samples through the policy's ``reference_policy()`` view, which shares the networks
+but not the switch to π_ref; a backend without one (LoRA adapters are disabled module-wide by
+``reference()``) overlaps the scoring only: its update waits for the rollout. Every random draw comes from the trainer's seeded generator in one fixed order (LR
 batch, rollout noise, then the step's loss noise, drawn before the next rollout starts), so both
 paths give the same parameters; checkpoints hold the generator as it was at the end of the step.
 Rollouts from the policy or the EMA (which the update moves), GRPO's default, stay sequential.
@@ -123,6 +124,11 @@ class OnlineTrainer:
             raise ValueError(f"kl_beta > 0 needs the network's prediction from dsm(..., return_prediction=True), which "
                              f"{type(policy).__name__} does not offer: set kl_beta=0")
         log.info("%s: beta %g, preset %s", cfg.method, self.beta, cfg.preset)
+        # the overlapped path rolls out through a view whose reference() touches no shared state
+        # (the tiny policy's); without one (LoRA backends switch adapters module-wide) the update
+        # waits for the background rollout
+        view = getattr(policy, "reference_policy", None)
+        self._roll_policy = view() if view is not None and cfg.rollout_from == "reference" else policy
         self.overlap, self.rollout_path = self._overlap_plan()
 
     def _overlap_plan(self) -> tuple[bool, str]:
@@ -134,7 +140,10 @@ class OnlineTrainer:
         if c.rollout_from != "reference":
             return False, (f"sequential: rollouts come from the {c.rollout_from} (rollout_from={c.rollout_from}), "
                            f"which each update moves, so step k+1's rollouts must wait for step k's update")
-        return True, "overlapped: step k+1's rollouts (frozen reference) are made while step k's rewards are scored"
+        if self._roll_policy is not self.policy:
+            return True, "overlapped: step k+1's rollouts (frozen reference) run while step k's rewards are scored and its update runs"
+        return True, (f"overlapped: step k+1's rollouts (frozen reference) run while step k's rewards are scored; the update "
+                      f"waits for them ({type(self.policy).__name__}.reference() switches modules the update uses)")
     # ------------------------------------------------------------------ pieces
     def _rollout_ctx(self):
         src = self.cfg.rollout_from
@@ -148,16 +157,20 @@ class OnlineTrainer:
             return contextlib.nullcontext()
         raise ValueError(f"rollout_from must be reference, ema or policy, got {src!r}")
 
-    def rollout(self, cond, n: int):
+    def rollout(self, cond, n: int, policy=None):
+        """G samples per LR of ``cond`` from the configured model (``policy``: the policy object
+        to sample with, default the trainer's; the overlapped path passes its reference view)."""
         c, G = self.cfg, self.cfg.group
-        noise = torch.randn((n * G, *self.policy.noise_shape(cond)[1:]), generator=self.gen).to(self.accel.device)
-        with torch.no_grad(), self._rollout_ctx(), self.accel.autocast():
+        pol = policy or self.policy
+        noise = torch.randn((n * G, *pol.noise_shape(cond)[1:]), generator=self.gen).to(self.accel.device)
+        ctx = pol.reference() if pol is not self.policy else self._rollout_ctx()
+        with torch.no_grad(), ctx, self.accel.autocast():
             if c.method == "grpo":
                 sampler = "ddpm" if c.sampler == "ddpm" else "sde"  # ControlNetSD's ancestral DDPM, or the policy's SDE
-                out = self.policy.sample(cond, noise, sampler=sampler, steps=c.steps, generator=self.gen, noise_level=c.noise_level)
+                out = pol.sample(cond, noise, sampler=sampler, steps=c.steps, generator=self.gen, noise_level=c.noise_level)
             else:
                 traj = c.method == "dgpo" and c.train_timesteps == "discrete"  # the schedule's sigmas are needed
-                out = self.policy.sample(cond, noise, sampler=c.sampler, steps=c.steps, **({"return_trajectory": True} if traj else {}))
+                out = pol.sample(cond, noise, sampler=c.sampler, steps=c.steps, **({"return_trajectory": True} if traj else {}))
         if self.accel.mixed_precision != "no":  # rewards and losses see float32 samples
             for f in ("images", "trajectory", "log_probs", "sigmas"):
                 v = getattr(out, f, None)
@@ -168,11 +181,12 @@ class OnlineTrainer:
     def _prepare(self) -> _Batch:
         """Draw the next LR batch (trainer generator), condition it and roll it out. Touches only
         the data, the frozen conditioning networks, the rolling-out model and ``self.gen``."""
+        pol = self._roll_policy if self.overlap else self.policy
         idx = torch.randint(len(self.ids), (self.cfg.batch_lr,), generator=self.gen).tolist()
         _, lr, hr, prompts = self.data.batch(idx)
         with self.accel.autocast():
-            cond = condition_captioned(self.policy, lr.to(self.accel.device), prompts)
-        return _Batch(idx, hr, cond, self.rollout(cond, len(idx)))
+            cond = condition_captioned(pol, lr.to(self.accel.device), prompts)
+        return _Batch(idx, hr, cond, self.rollout(cond, len(idx), pol))
 
     def loss_noise(self, samples, n: int) -> dict:
         """Every random draw of one step's update, in the order the update uses them: gdpo the
@@ -459,8 +473,8 @@ class OnlineTrainer:
                         logger.close()
                     raise
                 adv = self.advantages(rw.total)
-                if pending is not None:
-                    pending.exception()  # the rollout uses the model (reference() switches shared modules): wait for it
+                if pending is not None and self._roll_policy is self.policy:
+                    pending.exception()  # the rollout switches modules the update uses (reference()): wait for it
                 loss, st, gn = self.update(b.cond, b.samples, adv, noise)
                 self.step = step + 1
                 self._update_ema()
@@ -474,6 +488,8 @@ class OnlineTrainer:
                 pbar.set_postfix(loss=f"{rec['loss']:.4f}", r=f"{rec['reward_mean']:.3f}")
                 if self.step % c.checkpoint_every == 0 or self.step == c.steps_total:
                     self._save(ck, sync=True, gen_state=end_state)
+                if callback is not None:
+                    self._settle(pending)  # the callback sees the trainer at rest
                 if callback is not None and callback(self) is True:  # the callback asks to stop
                     self._save(ck, gen_state=end_state)
                     break
@@ -494,6 +510,6 @@ class OnlineTrainer:
 
     @staticmethod
     def _settle(pending: Future | None) -> None:
-        """Wait for an outstanding prefetch (its result, or error, is dropped)."""
+        """Wait until an outstanding prefetch has finished (its result, or error, stays in it)."""
         if pending is not None:
             pending.exception()
