@@ -12,7 +12,7 @@ from sralign.data.store import CandidateStore
 from sralign.policies import load_policy
 from sralign.rewards.base import MetricError
 from sralign.rewards.hybrid import DEFAULT_FR, DEFAULT_NR
-from sralign.train.candidates import GenerateConfig, LRSetConfig, generate, score_store
+from sralign.train.candidates import GenerateConfig, LRSetConfig, build_pairs, generate, score_store
 from sralign.train.offline import OfflineTrainer
 from sralign.train.offline_config import DP2OConfig
 from sralign.train.online import NonFiniteRewardError, OnlineTrainer
@@ -594,3 +594,36 @@ def test_offline_bf16_autocasts_forwards_and_keeps_float32_parameters(tmp_path, 
     assert (True, torch.bfloat16) in seen and (True, torch.float32) not in seen
     assert all(isinstance(v, float) for v in stats.values()) and abs(stats["loss"]) < float("inf")
     assert _all_float32_with_grads(p.trainable_parameters())
+
+
+def test_offline_checks_pair_files_from_the_pair_query_without_lookups(tmp_path, scored_store, policy_dir, monkeypatch):  # noqa: F811
+    import shutil
+
+    from sralign.data.store import BlobError
+
+    d = tmp_path / "store"
+    shutil.copytree(scored_store, d)
+    st = CandidateStore(d, repair=False)
+    calls = []
+    monkeypatch.setattr(CandidateStore, "candidate", lambda self, cid: calls.append(cid))
+    cfg = DP2OConfig(steps=1, batch_pairs=2, n=2)
+    tr = OfflineTrainer(load_policy(str(policy_dir)), st, cfg, tmp_path / "run")
+    assert calls == []  # one query for pairs and files; no lookup per candidate
+    monkeypatch.undo()
+    paired = {c for p in tr.pairs for c in (p.cid_w, p.cid_l)}
+    files = {}
+    build_pairs(st, tr.reward, 2, "dp2o", files=files)
+    assert set(files) == paired and all(files[c] == st.candidate(c) for c in paired)
+    assert len(paired) < len(st.candidates())  # the middle candidates (M = 8, N = 2) are not paired
+    # a paired file gone: the same one-line error as before, before any step; an unpaired one is no matter
+    unpaired = next(c for c in st.candidates() if c.cid not in paired)
+    (d / unpaired.path).unlink()
+    OfflineTrainer(load_policy(str(policy_dir)), CandidateStore(d, repair=False), cfg, tmp_path / "run2")
+    gone = files[max(paired)]
+    (d / gone.path).unlink()
+    with pytest.raises(BlobError) as e:
+        OfflineTrainer(load_policy(str(policy_dir)), CandidateStore(d, repair=False), cfg, tmp_path / "run3")
+    msg = str(e.value)
+    assert "\n" not in msg and str(d / gone.path) in msg and f"candidate {gone.cid}: LR {gone.lr_id}, seed {gone.seed}" in msg
+    assert "is missing; `sralign generate` with the same settings regenerates it" in msg
+    assert not (tmp_path / "run3").exists()
