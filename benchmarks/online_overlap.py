@@ -79,7 +79,10 @@ def main() -> None:
           f"cpus {os.cpu_count()}, load {os.getloadavg()[0]:.1f}")
     print("sequential split per step: " + ", ".join(f"{k.strip('_')} {v / n:.3f} s" for k, v in split.items()))
     ms, mo = statistics.median(seq), statistics.median(ovl)
+    p, r, u = (split.get(k, 0.0) / n for k in ("_prepare", "score", "update"))
     print(f"median s/step: sequential {ms:.3f}, overlapped {mo:.3f}  (x{ms / mo:.2f}; identical parameters)")
+    print(f"bound from the split (the rollout hidden behind scoring + update, a free core assumed): "
+          f"x{(p + r + u) / max(p, r + u):.2f}; a measured ratio beyond it is the machine's load changing between runs")
 
 
 if __name__ == "__main__":
