@@ -35,7 +35,6 @@ printed separately and need not stay on the GPU).
 from __future__ import annotations
 
 import argparse
-import functools
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -122,8 +121,9 @@ def sd_nets(controlnet: bool):
 
 
 def lora_stand_in(nets) -> list[torch.nn.Parameter]:
-    """One trainable bf16-free parameter per net (the LoRA adapters' activations are tiny next to
-    the frozen path; their count comes from the backends in ``weights``)."""
+    """One weight per net (its first Linear's) to require grad, so that autograd records the
+    graph as LoRA adapters make it (their own activations are tiny next to the frozen path;
+    their parameter count comes from the backends in ``weights``)."""
     ps = []
     for n in nets:
         first = next(m for m in n.modules() if isinstance(m, torch.nn.Linear))

@@ -20,9 +20,10 @@ a background thread draws step k+1's LR batch and rolls it out while the main th
 step k's rewards (torch ops release the GIL; rewards never touch the model) and runs its update.
 The thread samples through the policy's ``reference_policy()`` view, which shares the networks
 but not the switch to π_ref; a backend without one (LoRA adapters are disabled module-wide by
-``reference()``) overlaps the scoring only: its update waits for the rollout. Every random draw comes from the trainer's seeded generator in one fixed order (LR
-batch, rollout noise, then the step's loss noise, drawn before the next rollout starts), so both
-paths give the same parameters; checkpoints hold the generator as it was at the end of the step.
+``reference()``) overlaps the scoring only: its update waits for the rollout. Every random draw
+comes from the trainer's seeded generator in one fixed order (LR batch, rollout noise, then the
+step's loss noise, drawn before the next rollout starts), so both paths give the same
+parameters; checkpoints hold the generator as it was at the end of the step.
 Rollouts from the policy or the EMA (which the update moves), GRPO's default, stay sequential.
 
 Mixed precision (``mixed_precision`` bf16 / fp16): every network forward (rollouts, DSM terms,
@@ -34,10 +35,10 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -144,6 +145,7 @@ class OnlineTrainer:
             return True, "overlapped: step k+1's rollouts (frozen reference) run while step k's rewards are scored and its update runs"
         return True, (f"overlapped: step k+1's rollouts (frozen reference) run while step k's rewards are scored; the update "
                       f"waits for them ({type(self.policy).__name__}.reference() switches modules the update uses)")
+
     # ------------------------------------------------------------------ pieces
     def _rollout_ctx(self):
         src = self.cfg.rollout_from
