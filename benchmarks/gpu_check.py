@@ -136,7 +136,8 @@ def one(a, backend: str, method: str) -> dict:
         from sralign.train.online_config import DGPOConfig, GDPOConfig, GRPOConfig
 
         cls = {"gdpo": GDPOConfig, "dgpo": DGPOConfig, "grpo": GRPOConfig}[method]
-        cfg = cls(steps_total=3, batch_lr=1, group=a.group, steps=steps, reward="hybrid", checkpoint_every=10**6, lr_set=lr_set, **reward)
+        cfg = cls(steps_total=3, batch_lr=1, group=a.group, steps=steps, reward="hybrid", checkpoint_every=10**6, lr_set=lr_set,
+                  mixed_precision=a.mixed_precision, **reward)
         if method == "dgpo":
             cfg.sampler = sampler
         micro = "n/a (the online trainer has no micro_batch yet)"
@@ -175,7 +176,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="sampler steps of the multi-step backends (default 10; tiny 2)")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="frozen weights (LoRA parameters stay fp32)")
     ap.add_argument("--no-checkpointing", action="store_true", help="turn the backbones' gradient checkpointing off")
-    ap.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"], help="autocast of the offline trainer")
+    ap.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"], help="autocast of the trainers (online and offline)")
     ap.add_argument("--only", nargs="*", default=None, help="backend:method pairs to run (default all)")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()

@@ -75,6 +75,7 @@ def main() -> None:
             wall = time.time() - t
             if r.returncode != 0:
                 raise RuntimeError(r.stderr[-3000:])
+            Image.MAX_IMAGE_PIXELS = None  # our own output (24000x16000 for a 6000x4000 LR): read its size only
             with Image.open(out) as im:
                 size = im.size
         res[tile] = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", r.stderr).group(1)) / 1024
@@ -82,6 +83,15 @@ def main() -> None:
     if len(res) > 1:
         lo, hi = min(res), max(res)
         print(f"ratio --tile {hi} / --tile {lo}: {res[hi] / res[lo]:.2f}x")
+    # what the figures are made of (arithmetic): the float32 buffers of one band of tiles — blend
+    # accumulator (3 channels) + weight sum (1) + the band's noise (3 channels, pixel space) — over
+    # tile·4 output rows of the whole output width, and the LR image decoded (uint8) and as float32
+    W = a.width * 4
+    lr_mb = a.width * a.height * 3 * (1 + 4) / 2**20
+    for tile in a.tiles:
+        band = min(tile, a.height) * 4 * W * (3 + 1 + 3) * 4 / 2**20
+        print(f"--tile {tile}: one band's float32 buffers {band:.0f} MB (+ the next band's while it is assembled), "
+              f"LR image {lr_mb:.0f} MB; the output PNG is streamed (not held)")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from sralign.data.store import CandidateStore
 from sralign.policies import load_policy
 from sralign.rewards.base import MetricError
 from sralign.rewards.hybrid import DEFAULT_FR, DEFAULT_NR
-from sralign.train.candidates import GenerateConfig, LRSetConfig, generate, score_store
+from sralign.train.candidates import GenerateConfig, LRSetConfig, build_pairs, generate, score_store
 from sralign.train.offline import OfflineTrainer
 from sralign.train.offline_config import DP2OConfig
 from sralign.train.online import NonFiniteRewardError, OnlineTrainer
@@ -465,3 +465,165 @@ def test_resume_of_a_run_saved_before_a_field_existed(dgpo_run):
     cfg.adv_eps = 1e-3
     with pytest.raises(CheckpointError, match=r"adv_eps: run has 1e-08, now 0.001"):
         check_resume(dgpo_run, cfg)
+
+
+# ---------------------------------------------------------------------------- issue 14: overlapped rollouts, autocast
+import logging  # noqa: E402
+import threading  # noqa: E402
+
+
+def _overlap_run(out, policy_dir, cfg_cls=GDPOConfig, steps_total=3, callback=None, resume=False, **kw):  # noqa: F811
+    cfg = cfg_cls(steps_total=steps_total, batch_lr=2, group=3, checkpoint_every=1, lr_set=LRSetConfig(n=3, patch=32), **kw)
+    tr = OnlineTrainer(load_policy(str(policy_dir)), cfg, out)
+    threads = []
+    prepare = tr._prepare
+    tr._prepare = lambda: (threads.append(threading.current_thread().name), prepare())[1]
+    tr.train(progress=False, resume=resume, callback=callback)
+    return tr, threads
+
+
+def test_overlapped_rollouts_give_the_sequential_result(tmp_path, policy_dir, caplog):  # noqa: F811
+    with caplog.at_level(logging.INFO, logger="sralign.train.online"):
+        on, t_on = _overlap_run(tmp_path / "on", policy_dir, overlap_rollouts=True)
+    off, t_off = _overlap_run(tmp_path / "off", policy_dir, overlap_rollouts=False)
+    assert on.overlap and not off.overlap
+    assert sum("rollouts: overlapped" in r.getMessage() for r in caplog.records) == 1
+    # steps 2 and 3 were rolled out in the background thread; sequentially all in the main thread
+    assert t_on[0] == threading.main_thread().name and all(n.startswith("sralign-rollout") for n in t_on[1:]) and len(t_on) == 3
+    assert t_off == [threading.main_thread().name] * 3
+    a, b = on.policy.model.state_dict(), off.policy.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], on.policy._ref.state_dict()[k]) for k in a if k.startswith("unet."))
+    ra, rb = read_metrics(tmp_path / "on"), read_metrics(tmp_path / "off")
+    assert [(r["reward_mean"], r["loss"]) for r in ra] == [(r["reward_mean"], r["loss"]) for r in rb] and len(ra) == 3
+    assert torch.equal(on.gen.get_state(), off.gen.get_state())
+
+
+def test_overlapped_run_stopped_after_a_prefetch_resumes_to_the_same_result(tmp_path, policy_dir):  # noqa: F811
+    full, _ = _overlap_run(tmp_path / "full", policy_dir, steps_total=4)
+    # stop after step 2: step 3's rollouts were already drawn in the background, then dropped
+    part, threads = _overlap_run(tmp_path / "part", policy_dir, steps_total=4, callback=lambda tr: tr.step == 2)
+    assert part.step == 2 and len(threads) == 3
+    rest, _ = _overlap_run(tmp_path / "part", policy_dir, steps_total=4, resume=True)
+    a, b = full.policy.model.state_dict(), rest.policy.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["reward_mean"] for r in read_metrics(tmp_path / "full")] == [r["reward_mean"] for r in read_metrics(tmp_path / "part")]
+
+
+@pytest.mark.parametrize("cfg_cls,kw", [(DGPOConfig, {}), (GRPOConfig, {"steps": 2}), (GDPOConfig, {"rollout_from": "policy"})])
+def test_rollouts_from_a_moving_model_stay_sequential(tmp_path, policy_dir, cfg_cls, kw, caplog):  # noqa: F811
+    with caplog.at_level(logging.INFO, logger="sralign.train.online"):
+        tr, threads = _overlap_run(tmp_path, policy_dir, cfg_cls, steps_total=2, overlap_rollouts=True, **kw)
+    assert not tr.overlap and tr.rollout_path.startswith("sequential")
+    assert threads == [threading.main_thread().name] * 2
+    assert any(f"rollouts: sequential: rollouts come from the {tr.cfg.rollout_from}" in r.getMessage() for r in caplog.records)
+
+
+def test_lora_backend_overlaps_the_scoring_only_with_the_same_result(tmp_path):
+    """OneStepSD (LoRA: reference() disables adapters module-wide) has no reference view: the
+    update waits for the background rollout, and the parameters match the sequential run's."""
+    from diffusers_helpers import METRICS, tiny_sd_unet, tiny_vae
+    from sralign.policies.diffusers import OneStepSD
+
+    torch.manual_seed(0)
+    d = tmp_path / "tiny-sd"
+    tiny_vae().save_pretrained(d / "vae")
+    tiny_sd_unet().save_pretrained(d / "unet")
+    params = {}
+    for overlap in (True, False):
+        cfg = GDPOConfig(steps_total=3, batch_lr=1, group=3, reward="hybrid", overlap_rollouts=overlap,
+                         lr_set=LRSetConfig(n=2, patch=32), **METRICS)
+        torch.manual_seed(1)  # the LoRA adapters' initialisation
+        tr = OnlineTrainer(OneStepSD.from_pretrained(d), cfg, tmp_path / f"run{overlap}")
+        init = [p.detach().clone() for p in tr.policy.trainable_parameters()]
+        assert tr.overlap is overlap and (not overlap or "the update waits" in tr.rollout_path)
+        tr.train(progress=False)
+        params[overlap] = [p.detach().clone() for p in tr.policy.trainable_parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(params[True], params[False])) and len(params[True]) > 0
+    assert any(not torch.equal(a, b) for a, b in zip(params[True], init))
+
+
+def test_dgpo_from_the_reference_overlaps_with_the_same_result(tmp_path, policy_dir):  # noqa: F811
+    kw = dict(rollout_from="reference", steps=3, train_timesteps="discrete", trunc_steps=2, n_train_timesteps=2)
+    on, t_on = _overlap_run(tmp_path / "on", policy_dir, DGPOConfig, **kw)
+    off, _ = _overlap_run(tmp_path / "off", policy_dir, DGPOConfig, overlap_rollouts=False, **kw)
+    assert on.overlap and t_on[-1].startswith("sralign-rollout")
+    a, b = on.policy.model.state_dict(), off.policy.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _conv_dtypes(*modules):
+    """Forward hooks on the first conv of each of ``modules``: record (grad enabled, output dtype)."""
+    seen = []
+    for module in modules:
+        conv = next(m for m in module.modules() if isinstance(m, torch.nn.Conv2d))
+        conv.register_forward_hook(lambda m, i, o: seen.append((torch.is_grad_enabled(), o.dtype)))
+    return seen
+
+
+def _all_float32_with_grads(params):
+    params = list(params)
+    return all(p.dtype == torch.float32 for p in params) and all(p.grad is not None and p.grad.dtype == torch.float32 for p in params) \
+        and any(float(p.grad.abs().sum()) > 0 for p in params)
+
+
+@pytest.mark.parametrize("cfg_cls", [GDPOConfig, DGPOConfig, GRPOConfig])
+def test_online_bf16_autocasts_forwards_and_keeps_float32_parameters(tmp_path, policy_dir, cfg_cls):  # noqa: F811
+    cfg = cfg_cls(steps_total=1, batch_lr=2, group=3, steps=2 if cfg_cls is not GDPOConfig else 1, mixed_precision="bf16",
+                  lr_set=LRSetConfig(n=3, patch=32))
+    tr = OnlineTrainer(load_policy(str(policy_dir)), cfg, tmp_path)
+    seen = _conv_dtypes(tr.policy.model.unet, tr.policy._ref.unet)  # rollouts and DSM terms of π_ref too
+    b = tr._prepare()
+    assert (False, torch.bfloat16) in seen and b.samples.images.dtype == torch.float32  # rollout under autocast
+    seen.clear()
+    adv = tr.advantages(tr.score(b.samples.images, b.idx, b.hr).total)
+    tr.opt.zero_grad(set_to_none=True)
+    loss, _ = tr.loss(b.cond, b.samples, adv)
+    assert (True, torch.bfloat16) in seen and (True, torch.float32) not in seen  # the training forward
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert _all_float32_with_grads(tr.policy.trainable_parameters())
+
+
+def test_offline_bf16_autocasts_forwards_and_keeps_float32_parameters(tmp_path, scored_store, policy_dir):  # noqa: F811
+    p = load_policy(str(policy_dir))
+    cfg = DP2OConfig(steps=1, batch_pairs=4, n=2, mixed_precision="bf16")
+    tr = OfflineTrainer(p, CandidateStore(scored_store, repair=False), cfg, tmp_path / "run")
+    seen = _conv_dtypes(p.model.unet)
+    tr.opt.zero_grad(set_to_none=True)
+    stats = tr.accumulate(tr.pairs[:4])
+    assert (True, torch.bfloat16) in seen and (True, torch.float32) not in seen
+    assert all(isinstance(v, float) for v in stats.values()) and abs(stats["loss"]) < float("inf")
+    assert _all_float32_with_grads(p.trainable_parameters())
+
+
+def test_offline_checks_pair_files_from_the_pair_query_without_lookups(tmp_path, scored_store, policy_dir, monkeypatch):  # noqa: F811
+    import shutil
+
+    from sralign.data.store import BlobError
+
+    d = tmp_path / "store"
+    shutil.copytree(scored_store, d)
+    st = CandidateStore(d, repair=False)
+    calls = []
+    monkeypatch.setattr(CandidateStore, "candidate", lambda self, cid: calls.append(cid))
+    cfg = DP2OConfig(steps=1, batch_pairs=2, n=2)
+    tr = OfflineTrainer(load_policy(str(policy_dir)), st, cfg, tmp_path / "run")
+    assert calls == []  # one query for pairs and files; no lookup per candidate
+    monkeypatch.undo()
+    paired = {c for p in tr.pairs for c in (p.cid_w, p.cid_l)}
+    files = {}
+    build_pairs(st, tr.reward, 2, "dp2o", files=files)
+    assert set(files) == paired and all(files[c] == st.candidate(c) for c in paired)
+    assert len(paired) < len(st.candidates())  # the middle candidates (M = 8, N = 2) are not paired
+    # a paired file gone: the same one-line error as before, before any step; an unpaired one is no matter
+    unpaired = next(c for c in st.candidates() if c.cid not in paired)
+    (d / unpaired.path).unlink()
+    OfflineTrainer(load_policy(str(policy_dir)), CandidateStore(d, repair=False), cfg, tmp_path / "run2")
+    gone = files[max(paired)]
+    (d / gone.path).unlink()
+    with pytest.raises(BlobError) as e:
+        OfflineTrainer(load_policy(str(policy_dir)), CandidateStore(d, repair=False), cfg, tmp_path / "run3")
+    msg = str(e.value)
+    assert "\n" not in msg and str(d / gone.path) in msg and f"candidate {gone.cid}: LR {gone.lr_id}, seed {gone.seed}" in msg
+    assert "is missing; `sralign generate` with the same settings regenerates it" in msg
+    assert not (tmp_path / "run3").exists()

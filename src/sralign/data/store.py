@@ -778,9 +778,9 @@ class CandidateStore:
         return sorted(self.db.execute("SELECT lr_id, seed, key_id, sha256 FROM candidates"))
 
     @staticmethod
-    def _grouped_sql(n_metrics: int) -> str:
+    def _grouped_sql(n_metrics: int, files: bool = False) -> str:
         joins = "".join(f" LEFT JOIN scores s{i} ON s{i}.cid = c.cid AND s{i}.metric = ?" for i in range(n_metrics))
-        vals = "".join(f", s{i}.value" for i in range(n_metrics))
+        vals = "".join(f", s{i}.value" for i in range(n_metrics)) + (", c.sha256, c.path" if files else "")
         return f"SELECT c.lr_id, c.cid, c.seed{vals} FROM candidates c{joins} WHERE c.key_id = ? ORDER BY c.key_id, c.lr_id, c.seed"
 
     @classmethod
@@ -790,10 +790,11 @@ class CandidateStore:
         # NOT INDEXED: the rowid range (cid > mark), never a walk of the whole (key, lr) index
         return f"SELECT {cols}, {has} FROM candidates c NOT INDEXED WHERE c.cid > ? ORDER BY c.key_id, c.lr_id, c.seed"
 
-    def grouped(self, key: str, metrics: list[str]) -> Iterator[tuple[str, list[tuple]]]:
-        """Stream (lr_id, [(cid, seed, value of each metric or None), …]) per LR of one key, in
-        lr_id then seed order (one indexed query; memory: one group)."""
-        cur = self.db.execute(self._grouped_sql(len(metrics)), (*metrics, key))
+    def grouped(self, key: str, metrics: list[str], files: bool = False) -> Iterator[tuple[str, list[tuple]]]:
+        """Stream (lr_id, [(cid, seed, value of each metric or None, …), …]) per LR of one key, in
+        lr_id then seed order (one indexed query; memory: one group). ``files``: each row also
+        ends with the candidate's (sha256, path), for ``check_candidate`` without a lookup."""
+        cur = self.db.execute(self._grouped_sql(len(metrics), files), (*metrics, key))
         for lr_id, rows in itertools.groupby(cur, key=lambda r: r[0]):
             yield lr_id, [r[1:] for r in rows]
 

@@ -171,6 +171,16 @@ class TinyPolicy:
         finally:
             self._active = prev
 
+    def reference_policy(self) -> "TinyPolicy":
+        """A view of this policy whose ``sample`` / ``dsm`` use the frozen reference, sharing every
+        network: entering its ``reference()`` or ``using()`` leaves this policy's active network
+        alone, so a background thread can roll out π_ref while this one trains."""
+        if self._ref is None:
+            self.freeze_reference()
+        view = copy.copy(self)
+        view._active = self._ref
+        return view
+
     @contextmanager
     def using(self, model: nn.Module):
         """Inside: ``sample``/``dsm`` use ``model`` (a copy of ``self.model``, e.g. an EMA)."""

@@ -13,10 +13,12 @@ clear message: the adapters of a LoRA backend are small enough to replicate.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
@@ -28,6 +30,13 @@ class Accel:
         # accelerate only forms a gloo process group on CPUs when told it runs on the CPU: without
         # this, ``torchrun --nproc_per_node 2`` on a machine with no GPU gives 2 unrelated runs
         multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+        # accelerate keeps one mixed-precision setting per process and refuses another: a second
+        # trainer in the same process (a benchmark, a test) with another setting starts it afresh
+        # (the process group, PartialState, is kept)
+        prev = AcceleratorState._shared_state.get("_mixed_precision")
+        if prev is not None and prev != mixed_precision:
+            AcceleratorState._reset_state()
+        self.mixed_precision = mixed_precision
         self.acc = Accelerator(mixed_precision=mixed_precision, cpu=multi_cpu)
         if self.acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
             raise NotImplementedError(f"sralign's trainers replicate the trainable parameters on every rank (DDP-style); "
@@ -79,8 +88,14 @@ class Accel:
                 g.copy_(avg)
         return self.acc.clip_grad_norm_(params, max_norm)
 
-    def autocast(self):
-        return self.acc.autocast()
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Autocast to this trainer's ``mixed_precision`` on its device (a no-op for "no"). Built
+        here rather than from accelerate's process-wide state, which a later ``Accel`` may reset.
+        Thread-local, like every autocast: a background thread enters its own."""
+        if self.mixed_precision == "no":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.mixed_precision == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
 
     def wait(self) -> None:
         self.acc.wait_for_everyone()

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from ..config import ranged, validate
 from ..data.lrset import LRItem, LRSet, LRSetConfig, make_lr_set  # noqa: F401  (LRSetConfig, make_lr_set: public here too)
-from ..data.store import BlobError, CandidateStore, StoreError, spec_hash
+from ..data.store import BlobError, Candidate, CandidateStore, StoreError, spec_hash
 from ..losses import hpo_weights
 from ..policies.base import SAMPLERS, STOCHASTIC_SAMPLERS, condition_captioned
 from ..policies.tiny import TinyPolicy
@@ -231,13 +231,16 @@ class Pair:
     key_id: str = ""  # the generation key both candidates belong to
 
 
-def build_pairs(store: CandidateStore, reward: HybridReward, n: int, method: str = "dp2o", key: str | None = None) -> list[Pair]:
+def build_pairs(store: CandidateStore, reward: HybridReward, n: int, method: str = "dp2o", key: str | None = None,
+                files: dict[int, Candidate] | None = None) -> list[Pair]:
     """DP²O: top-N × bottom-N pairs per LR with HPO weights; DPO: best vs worst, weight 1.
 
     Pairs come from one generation key: ``key`` (a hash prefix), or the store's only key
     (several keys and none chosen: ``StoreError`` listing them). The scores stream in per LR
     group (one indexed query); rewards are computed for all groups of one size at once (row-wise,
-    so each group's values are those of a per-group computation)."""
+    so each group's values are those of a per-group computation). ``files`` (a dict to fill):
+    the ``Candidate`` row (file name and checksum) of every candidate in a pair, read by the
+    same query, so that the files can be checked without one lookup per candidate."""
     if method not in ("dp2o", "dpo"):
         raise ValueError(f"method must be dp2o or dpo, got {method!r}")
     key_id = store.resolve_key(key)
@@ -245,15 +248,19 @@ def build_pairs(store: CandidateStore, reward: HybridReward, n: int, method: str
     lr_ids: list[str] = []
     cids: list[list[int]] = []
     vals: list[list[tuple]] = []
-    for lr_id, rows in store.grouped(key_id, names):
-        missing = [m for j, m in enumerate(names) if any(r[2 + j] is None for r in rows)]
+    blobs: list[list[tuple]] = []  # (seed, sha256, path) per row, when ``files`` is asked for
+    m = len(names)
+    for lr_id, rows in store.grouped(key_id, names, files=files is not None):
+        missing = [name for j, name in enumerate(names) if any(r[2 + j] is None for r in rows)]
         if missing:
             raise ValueError(f"LR {lr_id} has unscored candidates for {missing}; run `sralign score --store` first")
         if len(rows) < 2:
             continue
         lr_ids.append(lr_id)
         cids.append([r[0] for r in rows])
-        vals.append([r[2:] for r in rows])
+        vals.append([r[2 : 2 + m] for r in rows])
+        if files is not None:
+            blobs.append([(r[1], r[2 + m], r[3 + m]) for r in rows])
     # per group size: rewards [B, G], and for dp2o the N² (winner, loser) indices per row,
     # exactly what ``dp2o_pairs`` gives each row (stable sort)
     per_group: list[tuple] = [()] * len(lr_ids)
@@ -274,6 +281,14 @@ def build_pairs(store: CandidateStore, reward: HybridReward, n: int, method: str
         rw, rl = total.gather(1, iw), total.gather(1, il)
         for i, g in enumerate(gs):
             per_group[g] = (iw[i].tolist(), il[i].tolist(), rw[i], rl[i], std[i])
+    if files is not None:
+        for g, (lr_id, c) in enumerate(zip(lr_ids, cids)):
+            iw, il = per_group[g][0], per_group[g][1]
+            if method == "dpo" and iw[0] == il[0]:
+                continue  # all equal: no pair
+            for i in set(iw) | set(il):
+                files[c[i]] = Candidate(c[i], key_id, lr_id, *blobs[g][i])
+        blobs.clear()
     pairs: list[Pair] = []
     if method == "dpo":
         for lr_id, c, (iw, il, rw, rl, _) in zip(lr_ids, cids, per_group):

@@ -24,7 +24,7 @@ class CheckpointError(ValueError):
 
 # What ``--resume`` may change: the step budget and the checkpoint / log cadence. Everything
 # else (method, β, lr, data, seeds, metrics, ...) shapes the run and must match the original.
-RESUME_MAY_CHANGE = frozenset({"steps", "steps_total", "checkpoint_every", "log_every", "eval_every"})
+RESUME_MAY_CHANGE = frozenset({"steps", "steps_total", "checkpoint_every", "log_every", "eval_every", "overlap_rollouts"})
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:

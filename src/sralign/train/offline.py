@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import save_config, validate
-from ..data.store import CandidateStore
+from ..data.store import Candidate, CandidateStore
 from ..losses import dpo_loss
 from ..policies.base import condition_captioned, dsm_noise_shape
 from ..policies.tiny import TinyPolicy
@@ -46,7 +46,8 @@ class OfflineTrainer:
         validate(cfg)
         self.policy, self.store, self.cfg, self.out = policy, store, cfg, Path(out)
         self.reward = HybridReward.from_names(cfg.fr_metrics, cfg.nr_metrics)
-        self.pairs: list[Pair] = build_pairs(store, self.reward, cfg.n, cfg.method, key=cfg.store_key or None)
+        files: dict[int, Candidate] = {}  # every paired candidate's file, from the pair query itself
+        self.pairs: list[Pair] = build_pairs(store, self.reward, cfg.n, cfg.method, key=cfg.store_key or None, files=files)
         if not self.pairs:
             raise ValueError("no preference pairs: every group's candidates scored equal, or the store is empty")
         if cfg.micro_batch < 0:
@@ -54,8 +55,9 @@ class OfflineTrainer:
         # images are read from the store per micro-batch (8-bit PNGs): nothing is cached as float
         # (sha256-checked reads, once per file per process; all pairs share one generation key)
         self._key = self.pairs[0].key_id
-        for cid in sorted({cid for p in self.pairs for cid in (p.cid_w, p.cid_l)}):
-            store.check_candidate(cid)  # every pair's file present and inside the store before the first step
+        for cid in sorted(files):
+            store.check_candidate(files[cid])  # every pair's file present and inside the store before the first step
+        del files
         self._lr_cache: OrderedDict[str, torch.Tensor] = OrderedDict()  # recent LR images, uint8
         policy.freeze_reference()
         self.accel = Accel(cfg.mixed_precision)

@@ -42,6 +42,12 @@ class OnlineConfig:
       first, then each micro-batch back-propagates its weighted share). 0: all at once.
     > EMA: θ⁻ ← μθ⁻ + (1−μ)θ with μ = min(ema_max, ema_ramp·step) (DGPO's reference code:
       0.3 and 0.001).
+    > Speed: ``overlap_rollouts`` (default True) makes step k+1's rollouts in a background
+      thread while step k's rewards are scored, where the method allows it: only with
+      ``rollout_from=reference`` (the frozen π_ref; GDPO-SR's default). Rollouts from the
+      policy or the EMA depend on the update and stay sequential (the run logs which path it
+      takes). Both paths give the same parameters. ``mixed_precision`` "no" | "bf16" | "fp16":
+      network forwards under autocast, losses, trainable parameters and gradients in float32.
     """
 
     AUTHORS: ClassVar[dict[str, Any]] = {}
@@ -91,6 +97,8 @@ class OnlineConfig:
     switch_ema_ref: int = ranged(0, ge=0)
     micro_batch: int = ranged(0, ge=0)
     texture_rule: str = ranged("sralign", choices=TEXTURE_RULES)
+    overlap_rollouts: bool = True
+    mixed_precision: str = ranged("no", choices=("no", "bf16", "fp16"))
 
     @classmethod
     def preset_values(cls, name: str | None, data: dict[str, Any] | None = None) -> dict[str, Any]:
