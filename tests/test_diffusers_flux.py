@@ -70,12 +70,12 @@ def test_two_process_ddp_with_lora_and_reference(flux_folder, tmp_path):
     """torchrun, 2 ranks: the LoRA backbone is DDP-wrapped, and reference() / EMA rollouts still
     reach the adapters through the wrapper; both ranks end with the same adapters."""
     import os
-    import shutil
     import subprocess
+    import sys
 
     out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run([shutil.which("torchrun"), "--nproc_per_node", "2", "--master_port", str(29700 + os.getpid() % 200), "-m", "sralign.cli",
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29700 + os.getpid() % 200), "-m", "sralign.cli",
                     "train", "--method", "dgpo", "--policy", "flux", "--model-path", str(flux_folder), "--out", str(out), "--quiet",
                     "steps_total=2", "batch_lr=1", "group=2", "steps=2", "rollout_from=ema", "lr_set.n=4", "lr_set.patch=32", "lr=1e-2"],
                    check=True, env=env, timeout=300)

@@ -176,13 +176,12 @@ def _torchrun_train(policy_dir, out, *overrides):
     """``torchrun --nproc_per_node 2 -m sralign.cli train --method dgpo …`` (gloo DDP on the CPU;
     ``accelerate launch --cpu --num_processes 2`` starts a single process on this accelerate)."""
     import os
-    import shutil
+    import sys
 
-    exe = shutil.which("torchrun")
-    assert exe is not None, "torchrun comes with torch"
+    exe = [sys.executable, "-m", "torch.distributed.run"]  # torchrun, whether or not the venv's bin is on PATH
     env = dict(os.environ, OMP_NUM_THREADS="1")
     port = str(29300 + (os.getpid() + len(str(out))) % 400)
-    subprocess.run([exe, "--nproc_per_node", "2", "--master_port", port, "-m", "sralign.cli", "train",
+    subprocess.run([*exe, "--nproc_per_node", "2", "--master_port", port, "-m", "sralign.cli", "train",
                     "--method", "dgpo", "--policy", str(policy_dir), "--out", str(out), "--quiet", *overrides,
                     "batch_lr=1", "group=4", "lr_set.n=6", "lr_set.patch=32"], check=True, env=env, timeout=300)
 
