@@ -1,7 +1,7 @@
 """``sralign demo``: the main job on the embedded default, end to end.
 
 Shipped tiny policy -> bundled photographs, degraded -> M candidates per LR (reference) ->
-scored with the built-in hybrid reward (every term optimal at the HR: GMSD, gradient-energy
+scored with the built-in hybrid reward (every term optimal at the HR: GMSD, patch-wise gradient-energy
 ratio, BRISQUE and NIQE-s gaps to the HR) -> DP²O-SR and Diffusion-DPO (offline) -> GDPO-SR and
 DGPO (online) -> Best@M / Mean@M / Worst@M evaluation on held-out photographs, with held-out
 PSNR / SSIM, the HR's own no-reference scores, bicubic, sharpness and smooth-region noise
@@ -37,9 +37,10 @@ class DemoConfig:
     generate: GenerateConfig = field(default_factory=lambda: GenerateConfig(m=16, steps=10, lr_set=LRSetConfig(n=24, patch=64)))
     dp2o: DP2OConfig = field(default_factory=lambda: DP2OConfig(method="dp2o", steps=120, n=4))
     dpo: DP2OConfig = field(default_factory=lambda: DP2OConfig(method="dpo", steps=120))
-    # the demo ranks every method with one reward, so GDPO trains on the hybrid reward here
-    # (its CLI default is the attribute-aware reward)
-    gdpo: GDPOConfig = field(default_factory=lambda: GDPOConfig(steps_total=60, reward="hybrid"))
+    # GDPO-SR trains on its own attribute-aware reward (PSNR-Y on the HR's smooth area, the
+    # hybrid's HR-relative NR terms on its texture); the evaluation ranks every method with one
+    # reward, the default hybrid
+    gdpo: GDPOConfig = field(default_factory=lambda: GDPOConfig(steps_total=60))
     dgpo: DGPOConfig = field(default_factory=lambda: DGPOConfig(steps_total=60))
     grpo: GRPOConfig = field(default_factory=lambda: GRPOConfig(steps_total=60))
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(m=16))

@@ -52,6 +52,8 @@ def _builtin():
     register_metric("gmsd", lambda border=0: FunctionMetric("gmsd", "FR", False, lambda s, h: gmsd_y(s, h, border), min_size=8, description="GMSD on Y (Xue et al. 2014)"))
     register_metric("ms_ssim", lambda scales=3: FunctionMetric("ms_ssim", "FR", True, lambda s, h: ms_ssim_y(s, h, scales), min_size=11, description="MS-SSIM on Y (torchmetrics)"))
     register_metric("grad_fidelity", lambda: FunctionMetric("grad_fidelity", "FR", True, builtin.gradient_fidelity, description="-|log sharpness ratio to HR|"))
+    register_metric("local_grad_fidelity", lambda patch=8: FunctionMetric("local_grad_fidelity", "FR", True, lambda s, h: builtin.local_gradient_fidelity(s, h, patch), min_size=8,
+                                                                          description="-mean |log sharpness ratio to HR| over 8x8 patches (grain in flat areas and blur in textured ones both cost)"))
     register_metric("sharpness", lambda: FunctionMetric("sharpness", "NR", True, builtin.sharpness, description="mean Sobel magnitude of Y x10 (a diagnostic: it pays for grain; use gap:sharpness in a reward)"))
     register_metric("brisque", lambda: FunctionMetric("brisque", "NR", False, brisque_score, min_size=16, description="BRISQUE, published SVR model"))
     register_metric("niqe_s", lambda: FunctionMetric("niqe_s", "NR", False, niqe_s, min_size=32, description="NIQE-style, sralign pristine model (not official NIQE)"))
