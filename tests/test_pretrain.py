@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from sralign.config import ConfigError
+from sralign.data.images import ImageError
 from sralign.data.degradation import RealESRGANConfig, RealESRGANDegradation, SimpleDegradationConfig, simple_degradation
 from sralign.policies.tiny import TinyPolicy, shipped_checkpoint_dir
 from sralign.train.pretrain import PretrainConfig, degrade_mixed, pretrain
@@ -64,6 +65,8 @@ def test_pretrain_refuses_bad_folders_before_work(tmp_path):
     with pytest.raises(ConfigError, match="hr_dir .* is not a folder"):
         pretrain(PretrainConfig(hr_dir=str(tmp_path / "nope")), tmp_path / "a", progress=False)
     small = _photos(tmp_path / "small", [(40, 40)])
-    with pytest.raises(Exception, match="smaller than|no readable|at least"):
+    with pytest.raises(ImageError, match="no readable image of at least 64x64 px"):
         pretrain(PretrainConfig(hr_dir=str(small), patch=64), tmp_path / "b", progress=False)
-    assert not (tmp_path / "a").exists()
+    with pytest.raises(ImageError, match="val_dir .* no readable image of at least 128x128 px"):
+        pretrain(PretrainConfig(val_dir=str(small)), tmp_path / "b", progress=False)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # refused before the run folder

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ..config import ranged, save_config, validate
 from ..data.degradation import RealESRGANConfig, RealESRGANDegradation, SimpleDegradationConfig, simple_degradation
-from ..data.images import ImageFolder, center_crop, load_bundled, random_crops
+from ..data.images import ImageError, ImageFolder, center_crop, load_bundled, random_crops
 from ..policies.tiny import TinyPolicy, TinyPolicyConfig
 from ..rewards.builtin import ssim_y
 from ..rewards.functional import psnr_y
@@ -144,18 +144,12 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: bool = False, progres
     out = Path(out)
     if resume:
         check_resume(out, cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
-    torch.manual_seed(cfg.seed)
-    policy = TinyPolicy(cfg.policy)
-    if cfg.init:
-        policy.load(Path(cfg.init).expanduser())  # fine-tune: the architecture is this config's
-    ema = copy.deepcopy(policy.model).requires_grad_(False)
-    opt = torch.optim.AdamW(policy.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    gen = torch.Generator().manual_seed(cfg.seed)
     train_imgs = [img for _, img in load_bundled("train")]
     if cfg.hr_dir:
         folder = ImageFolder(Path(cfg.hr_dir).expanduser(), min_size=cfg.patch)
+        if len(folder) == 0:
+            raise ImageError(f"hr_dir {cfg.hr_dir}: no readable image of at least {cfg.patch}x{cfg.patch} px (patch); "
+                             f"add larger photographs or lower patch")
         train_imgs += [folder[i] for i in range(len(folder))]
         log.info("training photographs: %d bundled + %d from %s", len(train_imgs) - len(folder), len(folder), cfg.hr_dir)
     small = [i for i, im in enumerate(train_imgs) if min(im.shape[1:]) < cfg.patch]
@@ -164,6 +158,8 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: bool = False, progres
     if cfg.val_dir:
         val = ImageFolder(Path(cfg.val_dir).expanduser(), min_size=128)
         val_imgs = [val[i] for i in range(len(val))]
+        if not val_imgs:
+            raise ImageError(f"val_dir {cfg.val_dir}: no readable image of at least 128x128 px; add larger photographs")
     else:
         val_imgs = [img for _, img in load_bundled("heldout")]
     eval_gen = torch.Generator().manual_seed(1234)
@@ -174,6 +170,15 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: bool = False, progres
     if lr_eval_real is not None:
         lr_eval_real = (lr_eval_real * 255).round() / 255
 
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    torch.manual_seed(cfg.seed)
+    policy = TinyPolicy(cfg.policy)
+    if cfg.init:
+        policy.load(Path(cfg.init).expanduser())  # fine-tune: the architecture is this config's
+    ema = copy.deepcopy(policy.model).requires_grad_(False)
+    opt = torch.optim.AdamW(policy.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed)
     start = 0
     ckpt_dir = out / "checkpoint"
     if resume and has_checkpoint(ckpt_dir):
