@@ -226,6 +226,11 @@ def jpeg_roundtrip(x: Tensor, quality: Tensor | list[int]) -> Tensor:
     return out
 
 
+def quantize_8bit(x: Tensor) -> Tensor:
+    """What saving as an 8-bit image keeps: clamped to [0,1] and rounded to multiples of 1/255."""
+    return (x.clamp(0, 1) * 255).round() / 255
+
+
 def _resize(x: Tensor, size: tuple[int, int], mode: str) -> Tensor:
     if mode == "area":
         return F.interpolate(x, size=size, mode="area")
@@ -315,7 +320,7 @@ class RealESRGANDegradation:
         else:
             x = self._jpeg(x, g, c.jpeg_range2)
             x = filter2d(_resize(x, target, mode), sinc)
-        return (x.clamp(0, 1) * 255).round() / 255
+        return quantize_8bit(x)
 
 
 # ----------------------------------------------------------------------------- simple

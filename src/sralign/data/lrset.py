@@ -30,7 +30,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ..config import ranged
-from .degradation import RealESRGANConfig, RealESRGANDegradation, SimpleDegradationConfig, simple_degradation
+from .degradation import RealESRGANConfig, RealESRGANDegradation, SimpleDegradationConfig, quantize_8bit, simple_degradation
 from .images import MIN_SIZE, ImageError, bundled_images, load_image, sidecar_prompt
 
 log = logging.getLogger(__name__)
@@ -205,7 +205,7 @@ class LRSet(Dataset):
             lr = RealESRGANDegradation(RealESRGANConfig(scale=c.scale))(hr, g)
         else:
             lr = simple_degradation(hr, c.scale, g, SimpleDegradationConfig())
-        lr = (lr * 255).round() / 255  # what a PNG round trip keeps
+        lr = quantize_8bit(lr)  # what a PNG round trip keeps
         prompts = {src: sidecar_prompt(self.files[src].path) for src in dict.fromkeys(s.source for s in plan)} if c.hr_dir else {}
         return [LRItem(self.lr_id(start + k), lr[k], hr[k], prompts.get(s.source)) for k, s in enumerate(plan)]
 

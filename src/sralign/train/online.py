@@ -297,7 +297,7 @@ class OnlineTrainer:
         c, p = self.cfg, self.policy
         n, G = adv.shape
         x = samples.images
-        levels = draws  # one (t, ε) per trained noise level
+        n_levels = len(draws)  # one (t, ε) per trained noise level
         kl_on = c.kl_beta > 0
         ref_ctx = (lambda: self.ema.swapped_in()) if c.ref_model == "ema" else p.reference
         chunks = self._chunks(n * G)
@@ -336,7 +336,7 @@ class OnlineTrainer:
                 kl = ((v - v_ref) ** 2).flatten(1).mean(1) if kl_on else None
                 loss, st = dgpo_loss(d.view(n, G), d_ref.view(n, G), adv, self.beta, form=c.loss_form,
                                      d_old=d_old, clip_range=clip, kl=kl, kl_beta=c.kl_beta)
-                self.accel.backward(loss / len(levels) if len(levels) > 1 else loss)
+                self.accel.backward(loss / n_levels if n_levels > 1 else loss)
             else:
                 with torch.no_grad():
                     out = run(lambda r: dsm(r, kl_on))
@@ -354,11 +354,11 @@ class OnlineTrainer:
                     sur = (coef[r] * dm).sum()
                     if kl_on:
                         sur = sur + c.kl_beta * ((vm - v_ref[r]) ** 2).flatten(1).mean(1).sum() / (n * G)
-                    self.accel.backward(sur / len(levels))
-            total += float(loss.detach()) / len(levels)
+                    self.accel.backward(sur / n_levels)
+            total += float(loss.detach()) / n_levels
             for k, v in st.items():
-                agg[k] = agg.get(k, 0.0) + float(v) / len(levels)
-        if len(levels) == 1 and len(chunks) == 1:
+                agg[k] = agg.get(k, 0.0) + float(v) / n_levels
+        if n_levels == 1 and len(chunks) == 1:
             return loss, st
         return torch.tensor(total), agg
 

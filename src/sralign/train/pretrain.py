@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import ranged, save_config, validate
-from ..data.degradation import RealESRGANConfig, RealESRGANDegradation, SimpleDegradationConfig, simple_degradation
+from ..data.degradation import RealESRGANConfig, RealESRGANDegradation, SimpleDegradationConfig, quantize_8bit, simple_degradation
 from ..data.images import ImageError, ImageFolder, center_crop, load_bundled, random_crops
 from ..policies.tiny import TinyPolicy, TinyPolicyConfig
 from ..rewards.builtin import ssim_y
@@ -91,10 +91,10 @@ def degrade_mixed(hr: torch.Tensor, cfg: PretrainConfig, gen: torch.Generator) -
     n_real = int(round(b * cfg.degradation_mix))
     parts = []
     if n_real:
-        parts.append(RealESRGANDegradation(RealESRGANConfig(scale=cfg.policy.scale))(hr[:n_real], gen))
+        parts.append(RealESRGANDegradation(RealESRGANConfig(scale=cfg.policy.scale))(hr[:n_real], gen))  # 8-bit already
     if b - n_real:
-        parts.append(simple_degradation(hr[n_real:], cfg.policy.scale, gen, cfg.degradation))
-    return (torch.cat(parts) * 255).round() / 255
+        parts.append(quantize_8bit(simple_degradation(hr[n_real:], cfg.policy.scale, gen, cfg.degradation)))
+    return torch.cat(parts)
 
 
 def pretrain_loss(policy: TinyPolicy, hr: torch.Tensor, lr_img: torch.Tensor, gen: torch.Generator, onestep_fraction: float, onestep_weight: float = 2.0) -> tuple[torch.Tensor, dict]:
@@ -164,11 +164,8 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: bool = False, progres
         val_imgs = [img for _, img in load_bundled("heldout")]
     eval_gen = torch.Generator().manual_seed(1234)
     hr_eval = torch.cat([random_crops([im], 4, 128, eval_gen) for im in val_imgs]) if cfg.val_dir else torch.stack([center_crop(im, 128) for im in val_imgs])
-    lr_eval = simple_degradation(hr_eval, cfg.policy.scale, eval_gen, cfg.degradation)
-    lr_eval = (lr_eval * 255).round() / 255
+    lr_eval = quantize_8bit(simple_degradation(hr_eval, cfg.policy.scale, eval_gen, cfg.degradation))
     lr_eval_real = RealESRGANDegradation(RealESRGANConfig(scale=cfg.policy.scale))(hr_eval, eval_gen) if cfg.degradation_mix > 0 else None
-    if lr_eval_real is not None:
-        lr_eval_real = (lr_eval_real * 255).round() / 255
 
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
