@@ -269,7 +269,7 @@ def test_eval_cli_on_your_own_photos_reports_like_the_demo(tmp_path, policy_dir,
     assert main(["eval", str(run), "--quiet", "m=1", "steps=1", f"lr_set.hr_dir={photos}", "lr_set.n=1", "lr_set.patch=64",
                  "nr_metrics=[gap:brisque]", "--out", str(tmp_path / "ev2")]) == 0
     ev2 = json.loads((tmp_path / "ev2" / "eval.json").read_text())
-    assert ev2["reward_kind"] == "hybrid" and ev2["reward_names"] == ["gmsd", "local_grad_fidelity", "gap:brisque"]
+    assert ev2["reward_kind"] == "hybrid" and ev2["reward_names"] == ["ms_ssim", "gmsd", "local_grad_fidelity", "gap:brisque"]
     assert "psnr" in ev2["heldout_metrics"]
 
 

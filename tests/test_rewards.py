@@ -290,7 +290,6 @@ def test_gmsd_matches_published_formula(photos):
 
 
 def test_ms_ssim_one_scale_is_ssim_and_identity_is_one(photos):
-    pytest.importorskip("torchmetrics")
     from sralign.rewards.fullref import ms_ssim_y
 
     g = torch.Generator().manual_seed(0)
@@ -301,8 +300,13 @@ def test_ms_ssim_one_scale_is_ssim_and_identity_is_one(photos):
     m = get_metric("ms_ssim")
     assert torch.allclose(m(photos, photos), torch.ones(4), atol=1e-6)
     assert (m(noisy, photos) < 0.99).all()
+    # by default as many scales as fit (at most 3): 2 at 32 px, 1 (SSIM) at 16 px; a set number is kept
+    a, b = torch.rand(2, 3, 32, 32, generator=g), torch.rand(2, 3, 32, 32, generator=g)
+    assert torch.equal(m(a, b), ms_ssim_y(a, b, scales=2)) and not torch.allclose(m(a, b), ms_ssim_y(a, b, scales=1))
+    assert torch.equal(m(a[..., :16, :16], b[..., :16, :16]), ms_ssim_y(a[..., :16, :16], b[..., :16, :16], scales=1))
+    assert torch.equal(m(photos, noisy), ms_ssim_y(photos, noisy, scales=3))
     with pytest.raises(MetricError, match="ms_ssim with 3 scales needs images of at least 41x41"):
-        m(torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32))
+        get_metric("ms_ssim", scales=3)(a, b)
 
 
 # ------------------------------------------------------------------ no-reference metrics read against the HR

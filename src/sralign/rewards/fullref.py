@@ -41,17 +41,21 @@ def gmsd_y(sr: Tensor, hr: Tensor, border: int = 0, c: float = GMSD_C) -> Tensor
     return gms.flatten(1).std(1, unbiased=True).to(sr.dtype)
 
 
-def ms_ssim_y(sr: Tensor, hr: Tensor, scales: int = 3) -> Tensor:
+def ms_ssim_y(sr: Tensor, hr: Tensor, scales: int | None = None) -> Tensor:
     """MS-SSIM on Y (Wang, Simoncelli, Bovik 2003) via torchmetrics, 11×11 Gaussian σ = 1.5,
-    data range 1, the published scale weights renormalised over the first ``scales`` scales
-    (3 by default so that 64 px crops fit: the image must be at least 10·2^(scales−1)+1 px).
-    [B] in [0,1], higher is better."""
+    data range 1, the published scale weights renormalised over the first ``scales`` scales.
+    ``scales=None`` takes as many as the image fits, at most 3 (3 from 41 px, 2 from 21 px, 1 —
+    plain SSIM — from 11 px): the image must be at least 10·2^(scales−1)+1 px. Candidates of one
+    LR share a size, so a reward compares them at one setting. [B] in [0,1], higher is better."""
     try:
         from torchmetrics.functional.image import multiscale_structural_similarity_index_measure as msssim
     except ImportError:
         raise MetricError("metric ms_ssim needs torchmetrics: `pip install torchmetrics` (it does not need torchvision)") from None
+    side = min(sr.shape[-2:])
+    if scales is None:
+        scales = max(1, min(3, ((side - 1) // 10).bit_length()))
     need = 10 * 2 ** (scales - 1) + 1
-    if min(sr.shape[-2:]) < need:
+    if side < need:
         raise MetricError(f"metric ms_ssim with {scales} scales needs images of at least {need}x{need} px, got {sr.shape[-1]}x{sr.shape[-2]}")
     w = torch.tensor([0.0448, 0.2856, 0.3001, 0.2363, 0.1333][:scales], dtype=torch.float64)
     w = tuple((w / w.sum()).tolist())

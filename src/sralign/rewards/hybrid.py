@@ -44,13 +44,17 @@ def score_group(metrics: list[Metric], sr: Tensor, hr: Tensor | None) -> dict[st
     return out
 
 
-# The built-in default reward (no downloads). Every term is optimal at SR = HR: GMSD and the
-# patch-wise gradient-energy ratio are full-reference, BRISQUE and NIQE-s are read as the gap to
-# the HR's own score. PSNR and SSIM stay out of it, so an evaluation can hold them out as
-# fidelity checks. The gradient term is patch-wise (8×8) so that grain in flat areas cannot pay
-# for blur elsewhere (benchmarks/reward_choice.py, on the demo's training crops: the one-ratio
-# ``grad_fidelity`` hybrid preferred noisier candidates, Δnoise/HR +0.021; this one +0.003).
-DEFAULT_FR = ("gmsd", "local_grad_fidelity")
+# The built-in default reward (no downloads). Every term is optimal at SR = HR: MS-SSIM, GMSD and
+# the patch-wise gradient-energy ratio are full-reference, BRISQUE and NIQE-s are read as the gap
+# to the HR's own score. PSNR stays out of it, so an evaluation can hold it out as the fidelity
+# check (SSIM is MS-SSIM's finest scale: only partly held out). The gradient term is patch-wise
+# (8×8) so that grain in flat areas cannot pay for blur elsewhere (benchmarks/reward_choice.py,
+# the demo's training crops: the one-ratio ``grad_fidelity`` hybrid preferred noisier candidates,
+# Δnoise/HR +0.021; this one +0.003). MS-SSIM was added because what a policy *trained* on the
+# hybrid does differs from what the hybrid prefers among candidates: without it, DP²O-SR trained
+# on GMSD + gradient term + NR gaps lost PSNR on both selection sets (benchmarks/choose_steps.py:
+# the demo's training crops and the selection photographs, never a reporting set).
+DEFAULT_FR = ("ms_ssim", "gmsd", "local_grad_fidelity")
 DEFAULT_NR = ("gap:brisque", "gap:niqe_s")
 
 
