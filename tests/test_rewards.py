@@ -289,6 +289,24 @@ def test_gmsd_matches_published_formula(photos):
     assert (m(worse, photos) > m(noisy, photos)).all()
 
 
+def test_ms_ssim_matches_torchmetrics_in_chunks_of_any_size():
+    tm = pytest.importorskip("torchmetrics.functional.image")  # in the dev extra: this test runs in CI
+    from sralign.rewards.fullref import MS_SSIM_WEIGHTS, ms_ssim_y
+
+    g = torch.Generator().manual_seed(3)
+    for side, scales in ((64, 3), (64, 2), (48, 1), (96, 3), (48, 3), (33, 2)):
+        x = torch.rand(5, 3, side, side, generator=g, dtype=torch.float64)
+        y = (x + 0.1 * torch.randn(x.shape, generator=g, dtype=torch.float64)).clamp(0, 1)
+        w = torch.tensor(MS_SSIM_WEIGHTS[:scales], dtype=torch.float64)
+        ref = tm.multiscale_structural_similarity_index_measure(
+            rgb_to_y(x), rgb_to_y(y), gaussian_kernel=True, kernel_size=11, sigma=1.5, data_range=1.0,
+            betas=tuple((w / w.sum()).tolist()), normalize="relu", reduction="none").reshape(-1)
+        ours = ms_ssim_y(x, y, scales)
+        assert (ours - ref).abs().max() < 1e-7, (side, scales)
+        assert torch.equal(ms_ssim_y(x, y, scales, chunk=2), ours)  # chunking changes nothing
+        assert (ours < 1).all() and torch.allclose(ms_ssim_y(x, x, scales), torch.ones(5, dtype=torch.float64))
+
+
 def test_ms_ssim_one_scale_is_ssim_and_identity_is_one(photos):
     from sralign.rewards.fullref import ms_ssim_y
 

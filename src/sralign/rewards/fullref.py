@@ -1,5 +1,5 @@
-"""Download-free full-reference perceptual metrics: GMSD (own, batched in torch) and MS-SSIM
-(torchmetrics, imported only when used).
+"""Download-free full-reference perceptual metrics: GMSD and MS-SSIM (own, batched in torch;
+MS-SSIM is tested against torchmetrics).
 
 Both are maximal (GMSD minimal) at SR = HR and penalise blur *and* added grain: GMSD compares
 local gradient magnitudes pixel by pixel, so texture that the HR lacks counts as an error just
@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import MetricError
+from .builtin import _gauss11
 from .functional import crop_border, rgb_to_y
 
 GMSD_C = 170.0  # Xue et al.'s constant for 8-bit intensities
@@ -41,24 +42,55 @@ def gmsd_y(sr: Tensor, hr: Tensor, border: int = 0, c: float = GMSD_C) -> Tensor
     return gms.flatten(1).std(1, unbiased=True).to(sr.dtype)
 
 
-def ms_ssim_y(sr: Tensor, hr: Tensor, scales: int | None = None) -> Tensor:
-    """MS-SSIM on Y (Wang, Simoncelli, Bovik 2003) via torchmetrics, 11×11 Gaussian σ = 1.5,
-    data range 1, the published scale weights renormalised over the first ``scales`` scales.
-    ``scales=None`` takes as many as the image fits, at most 3 (3 from 41 px, 2 from 21 px, 1 —
-    plain SSIM — from 11 px): the image must be at least 10·2^(scales−1)+1 px. Candidates of one
-    LR share a size, so a reward compares them at one setting. [B] in [0,1], higher is better."""
-    try:
-        from torchmetrics.functional.image import multiscale_structural_similarity_index_measure as msssim
-    except ImportError:
-        raise MetricError("metric ms_ssim needs torchmetrics: `pip install torchmetrics` (it does not need torchvision)") from None
+MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang, Simoncelli, Bovik 2003, scales 1…5
+
+
+def _gauss_blur_reflect(x: Tensor) -> Tensor:
+    """11-tap Gaussian (σ = 1.5) of x [B,1,H,W], reflect-padded to the same size; separable, so
+    the im2col buffer is 11 (not 121) copies of the batch."""
+    g = _gauss11(x.dtype, x.device)[0, 0].sum(0)  # the 1-D kernel (rows of the 2-D one sum to it)
+    x = F.pad(x, (5, 5, 5, 5), mode="reflect")
+    return F.conv2d(F.conv2d(x, g.view(1, 1, 1, 11)), g.view(1, 1, 11, 1))
+
+
+def ms_ssim_y(sr: Tensor, hr: Tensor, scales: int | None = None, chunk: int = 64) -> Tensor:
+    """MS-SSIM on Y (Wang, Simoncelli, Bovik 2003): 11×11 Gaussian window σ = 1.5 (reflect-padded
+    borders), K1 = 0.01, K2 = 0.03, data range 1, 2×2 average pooling between scales; the product
+    of the mean contrast-structure terms of scales 1…S−1 (over the window positions inside the
+    image) and the mean SSIM of scale S (over the whole reflect-padded map), each
+    clamped at 0 and raised to the published scale weights renormalised over the first S scales
+    — torchmetrics' ``normalize="relu"`` convention (tested against it; its version needs
+    ~20 MB per 64² image, this one a few maps per image, ``chunk`` images at a time).
+    ``scales=None`` takes as many scales as the image fits, at most 3 (3 from 41 px, 2 from
+    21 px, 1 — SSIM — from 11 px): scale S needs 10·2^(S−1)+1 px. Candidates of one LR share a
+    size, so a reward compares them at one setting. [B] in [0,1], higher is better."""
     side = min(sr.shape[-2:])
     if scales is None:
         scales = max(1, min(3, ((side - 1) // 10).bit_length()))
+    if not 1 <= scales <= len(MS_SSIM_WEIGHTS):
+        raise MetricError(f"metric ms_ssim: scales must be 1..{len(MS_SSIM_WEIGHTS)}, got {scales}")
     need = 10 * 2 ** (scales - 1) + 1
     if side < need:
         raise MetricError(f"metric ms_ssim with {scales} scales needs images of at least {need}x{need} px, got {sr.shape[-1]}x{sr.shape[-2]}")
-    w = torch.tensor([0.0448, 0.2856, 0.3001, 0.2363, 0.1333][:scales], dtype=torch.float64)
-    w = tuple((w / w.sum()).tolist())
-    x, y = rgb_to_y(sr.double()), rgb_to_y(hr.double())
-    out = msssim(x, y, gaussian_kernel=True, kernel_size=11, sigma=1.5, data_range=1.0, betas=w, normalize="relu", reduction="none")
-    return out.reshape(-1).to(sr.dtype)
+    w = torch.tensor(MS_SSIM_WEIGHTS[:scales], dtype=torch.float64, device=sr.device)
+    w = w / w.sum()
+    c1, c2 = 0.01**2, 0.03**2
+    outs = []
+    for i in range(0, sr.shape[0], chunk):
+        x, y = rgb_to_y(sr[i:i + chunk].double()), rgb_to_y(hr[i:i + chunk].double())
+        out = torch.ones(x.shape[0], dtype=x.dtype, device=x.device)
+        for s in range(scales):
+            if s:
+                x, y = F.avg_pool2d(x, 2), F.avg_pool2d(y, 2)
+            mx, my = _gauss_blur_reflect(x), _gauss_blur_reflect(y)
+            sxx = (_gauss_blur_reflect(x * x) - mx * mx).clamp_min(0)
+            syy = (_gauss_blur_reflect(y * y) - my * my).clamp_min(0)
+            sxy = _gauss_blur_reflect(x * y) - mx * my
+            cs = (2 * sxy + c2) / (sxx + syy + c2)
+            if s == scales - 1:  # the last scale's full SSIM, averaged over the whole (padded) map
+                term = ((2 * mx * my + c1) / (mx * mx + my * my + c1) * cs).flatten(1).mean(1)
+            else:  # contrast-structure, averaged where the window lies inside the image
+                term = cs[..., 5:-5, 5:-5].flatten(1).mean(1)
+            out = out * term.clamp_min(0) ** w[s]
+        outs.append(out)
+    return torch.cat(outs).to(sr.dtype)

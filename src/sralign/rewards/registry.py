@@ -50,7 +50,7 @@ def _builtin():
     register_metric("psnr", lambda border=0: FunctionMetric("psnr", "FR", True, lambda s, h: psnr_y(s, h, border), description="PSNR on Y (dB)"))
     register_metric("ssim", lambda border=0: FunctionMetric("ssim", "FR", True, lambda s, h: builtin.ssim_y(s, h, border), min_size=11, description="SSIM on Y"))
     register_metric("gmsd", lambda border=0: FunctionMetric("gmsd", "FR", False, lambda s, h: gmsd_y(s, h, border), min_size=8, description="GMSD on Y (Xue et al. 2014)"))
-    register_metric("ms_ssim", lambda scales=None: FunctionMetric("ms_ssim", "FR", True, lambda s, h: ms_ssim_y(s, h, scales), min_size=11, description="MS-SSIM on Y (torchmetrics; up to 3 scales, as many as the image fits)"))
+    register_metric("ms_ssim", lambda scales=None: FunctionMetric("ms_ssim", "FR", True, lambda s, h: ms_ssim_y(s, h, scales), min_size=11, description="MS-SSIM on Y (up to 3 scales, as many as the image fits; torchmetrics convention)"))
     register_metric("grad_fidelity", lambda: FunctionMetric("grad_fidelity", "FR", True, builtin.gradient_fidelity, description="-|log sharpness ratio to HR|"))
     register_metric("local_grad_fidelity", lambda patch=8: FunctionMetric("local_grad_fidelity", "FR", True, lambda s, h: builtin.local_gradient_fidelity(s, h, patch), min_size=8,
                                                                           description="-mean |log sharpness ratio to HR| over 8x8 patches (grain in flat areas and blur in textured ones both cost)"))
