@@ -16,7 +16,13 @@ hacking flag (``sralign.eval.hacking``: no-reference gain with a fidelity loss, 
 smooth-region noise beyond the HR's). The demo's held-out crops and the second set (the
 reporting sets) are never loaded here.
 
+The same runs compare reward variants and offline β (``--fr``, ``--nr``, ``--beta``, ``--set
+METHOD.KEY=VALUE``; ``--grid 'dp2o:60;dgpo:60'`` for one stop per method); README, "How the
+demo's reward, β and step counts were chosen", has the table and the rule.
+
     python benchmarks/choose_steps.py --out /tmp/choose-steps --select-dir /tmp/photos/val
+    python benchmarks/choose_steps.py --out /tmp/v1 --select-dir /tmp/photos/val --grid 'dp2o:60;dgpo:60' \
+        --fr ms_ssim,gmsd,local_grad_fidelity --beta 100000
 """
 
 from __future__ import annotations
