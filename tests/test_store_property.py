@@ -10,10 +10,12 @@ import multiprocessing as mp
 import os
 import random
 import signal
+import threading
 import time
 
 import pytest
 import torch
+from tqdm.auto import tqdm  # the class sralign's progress bars use
 
 from sralign.data.store import CandidateStore
 from sralign.policies import load_policy
@@ -35,6 +37,9 @@ def _generate_child(root: str, policy_dir: str, key: int, m: int) -> None:
     """Generate, then keep adding seeds (M += 2 per round) until killed: the kill always lands
     while this writer is running, whatever the machine's speed."""
     torch.set_num_threads(1)
+    # a forked child shares the parent's tqdm lock (a multiprocessing semaphore): killed while
+    # holding it, it would leave the parent's next progress bar waiting forever
+    tqdm.set_lock(threading.RLock())
     st = CandidateStore(root, repair=False)
     policy = load_policy(policy_dir)
     for mm in range(m, 400, 2):
