@@ -36,10 +36,11 @@ from pathlib import Path
 
 import torch
 
+from sralign.config import load_config
 from sralign.data.store import CandidateStore
 from sralign.demo import DemoConfig
 from sralign.eval.report import delta_rows
-from sralign.eval.run import EvalConfig, run_eval
+from sralign.eval.run import run_eval
 from sralign.policies import load_policy
 from sralign.train.candidates import LRSetConfig, generate, generation_key_id, score_store
 from sralign.train.offline import OfflineTrainer
@@ -83,10 +84,8 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE", help="another training setting, e.g. dp2o.t_max=0.5")
     ap.add_argument("--store", default="", help="an existing candidate folder of this version (default: OUT/store)")
     a = ap.parse_args()
-    grid = dict(GRID)
-    for part in filter(None, a.grid.split(";")):
-        m, ks = part.split(":")
-        grid[m] = tuple(int(k) for k in ks.split(","))
+    asked = {m: tuple(int(k) for k in ks.split(",")) for m, ks in (p.split(":") for p in filter(None, a.grid.split(";")))}
+    grid = {**GRID, **asked}
     torch.set_num_threads(a.threads)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -95,22 +94,18 @@ def main() -> None:
         for c in (cfg.dp2o, cfg.dpo, cfg.gdpo, cfg.dgpo, cfg.eval):
             c.fr_metrics = a.fr.split(",") if a.fr else c.fr_metrics
             c.nr_metrics = a.nr.split(",") if a.nr else c.nr_metrics
-    if a.beta:
-        cfg.dp2o.beta = cfg.dpo.beta = a.beta
-    for kv in a.set:
-        key, value = kv.split("=", 1)
-        sect, name = key.split(".", 1)
+    settings = [f"{m}.beta={a.beta}" for m in ("dp2o", "dpo")] if a.beta else []
+    for kv in settings + a.set:  # through the configs' own override path: typed and range-checked
+        sect, override = kv.split(".", 1)
         c = getattr(cfg, sect)
-        setattr(c, name, type(getattr(c, name))(value))
+        setattr(cfg, sect, load_config(type(c), None, [override], base=c))
     t0 = time.time()
     base = load_policy()
     store = CandidateStore(Path(a.store) if a.store else out / "store", create=True)
     generate(store, base, cfg.generate, progress=False)
     score_store(store, sorted(set(cfg.dp2o.fr_metrics + cfg.dp2o.nr_metrics)), progress=False)  # only what is missing
     print(f"candidates: {time.time() - t0:.0f} s", flush=True)
-    methods = [m for m in a.methods.split(",") if m]
-    if a.grid:
-        methods = [m for m in methods if m in dict(p.split(":") for p in a.grid.split(";"))]
+    methods = [m for m in a.methods.split(",") if m and (not asked or m in asked)]
     policies, samplers = {}, {}
     for m in methods:
         t1 = time.time()

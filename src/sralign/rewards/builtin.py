@@ -9,11 +9,30 @@ from torch import Tensor
 from .functional import crop_border, mean_gradient, rgb_to_y, sobel_magnitude
 
 
-def _gauss11(dtype, device) -> Tensor:
+def gauss1d(dtype, device) -> Tensor:
+    """The 11-tap Gaussian (σ = 1.5, sums to 1) of SSIM's window. [11]"""
     ax = torch.arange(11, dtype=torch.float64) - 5
     g = torch.exp(-(ax**2) / (2 * 1.5**2))
-    g = g / g.sum()
+    return (g / g.sum()).to(dtype=dtype, device=device)
+
+
+def _gauss11(dtype, device) -> Tensor:
+    g = gauss1d(torch.float64, "cpu")
     return (g[:, None] * g[None, :]).to(dtype=dtype, device=device)[None, None]
+
+
+def ssim_maps(x: Tensor, y: Tensor, blur, clamp_var: bool = False) -> tuple[Tensor, Tensor]:
+    """SSIM's luminance and contrast-structure maps of x, y [B,1,H,W] in [0,1] (K1 = 0.01,
+    K2 = 0.03, data range 1), local moments taken with ``blur`` (the window); ``clamp_var``
+    clamps the variances at 0 (torchmetrics' convention). SSIM's map is their product."""
+    c1, c2 = 0.01**2, 0.03**2
+    mx, my = blur(x), blur(y)
+    sxx = blur(x * x) - mx * mx
+    syy = blur(y * y) - my * my
+    if clamp_var:
+        sxx, syy = sxx.clamp_min(0), syy.clamp_min(0)
+    sxy = blur(x * y) - mx * my
+    return (2 * mx * my + c1) / (mx * mx + my * my + c1), (2 * sxy + c2) / (sxx + syy + c2)
 
 
 def ssim_y(sr: Tensor, hr: Tensor, border: int = 0) -> Tensor:
@@ -23,13 +42,8 @@ def ssim_y(sr: Tensor, hr: Tensor, border: int = 0) -> Tensor:
     x = crop_border(rgb_to_y(sr.double()), border)
     y = crop_border(rgb_to_y(hr.double()), border)
     w = _gauss11(x.dtype, x.device)
-    c1, c2 = 0.01**2, 0.03**2
-    mx, my = F.conv2d(x, w), F.conv2d(y, w)
-    sxx = F.conv2d(x * x, w) - mx * mx
-    syy = F.conv2d(y * y, w) - my * my
-    sxy = F.conv2d(x * y, w) - mx * my
-    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
-    return s.flatten(1).mean(1).to(sr.dtype)
+    lum, cs = ssim_maps(x, y, lambda t: F.conv2d(t, w))
+    return (lum * cs).flatten(1).mean(1).to(sr.dtype)
 
 
 def local_gradient_fidelity(sr: Tensor, hr: Tensor, patch: int = 8, floor: float = 2.0 / 255) -> Tensor:

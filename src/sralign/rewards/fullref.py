@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import MetricError
-from .builtin import _gauss11
+from .builtin import gauss1d, ssim_maps
 from .functional import crop_border, rgb_to_y
 
 GMSD_C = 170.0  # Xue et al.'s constant for 8-bit intensities
@@ -48,7 +48,7 @@ MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang, Simoncelli, 
 def _gauss_blur_reflect(x: Tensor) -> Tensor:
     """11-tap Gaussian (σ = 1.5) of x [B,1,H,W], reflect-padded to the same size; separable, so
     the im2col buffer is 11 (not 121) copies of the batch."""
-    g = _gauss11(x.dtype, x.device)[0, 0].sum(0)  # the 1-D kernel (rows of the 2-D one sum to it)
+    g = gauss1d(x.dtype, x.device)
     x = F.pad(x, (5, 5, 5, 5), mode="reflect")
     return F.conv2d(F.conv2d(x, g.view(1, 1, 1, 11)), g.view(1, 1, 11, 1))
 
@@ -74,7 +74,6 @@ def ms_ssim_y(sr: Tensor, hr: Tensor, scales: int | None = None, chunk: int = 64
         raise MetricError(f"metric ms_ssim with {scales} scales needs images of at least {need}x{need} px, got {sr.shape[-1]}x{sr.shape[-2]}")
     w = torch.tensor(MS_SSIM_WEIGHTS[:scales], dtype=torch.float64, device=sr.device)
     w = w / w.sum()
-    c1, c2 = 0.01**2, 0.03**2
     outs = []
     for i in range(0, sr.shape[0], chunk):
         x, y = rgb_to_y(sr[i:i + chunk].double()), rgb_to_y(hr[i:i + chunk].double())
@@ -82,13 +81,9 @@ def ms_ssim_y(sr: Tensor, hr: Tensor, scales: int | None = None, chunk: int = 64
         for s in range(scales):
             if s:
                 x, y = F.avg_pool2d(x, 2), F.avg_pool2d(y, 2)
-            mx, my = _gauss_blur_reflect(x), _gauss_blur_reflect(y)
-            sxx = (_gauss_blur_reflect(x * x) - mx * mx).clamp_min(0)
-            syy = (_gauss_blur_reflect(y * y) - my * my).clamp_min(0)
-            sxy = _gauss_blur_reflect(x * y) - mx * my
-            cs = (2 * sxy + c2) / (sxx + syy + c2)
+            lum, cs = ssim_maps(x, y, _gauss_blur_reflect, clamp_var=True)
             if s == scales - 1:  # the last scale's full SSIM, averaged over the whole (padded) map
-                term = ((2 * mx * my + c1) / (mx * mx + my * my + c1) * cs).flatten(1).mean(1)
+                term = (lum * cs).flatten(1).mean(1)
             else:  # contrast-structure, averaged where the window lies inside the image
                 term = cs[..., 5:-5, 5:-5].flatten(1).mean(1)
             out = out * term.clamp_min(0) ** w[s]
