@@ -70,3 +70,19 @@ def test_pretrain_refuses_bad_folders_before_work(tmp_path):
     with pytest.raises(ImageError, match="val_dir .* no readable image of at least 128x128 px"):
         pretrain(PretrainConfig(val_dir=str(small)), tmp_path / "b", progress=False)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # refused before the run folder
+
+
+def test_the_shipped_recipes_load_and_the_stage2_one_asks_for_its_init(tmp_path):
+    """README rebuilds the checkpoint with ``--config ASSETS/pretrain_config.yaml init=STAGE1``:
+    both recorded recipes must parse and validate, and stage 2 without ``init`` must say so."""
+    from sralign.config import load_config, validate
+
+    assets = shipped_checkpoint_dir()
+    stage1 = validate(load_config(PretrainConfig, assets / "pretrain_stage1.yaml"))
+    assert stage1.steps == 3000 and stage1.init == ""
+    photos = tmp_path / "p"
+    photos.mkdir()
+    stage2 = validate(load_config(PretrainConfig, assets / "pretrain_config.yaml", [f"init={assets}", f"hr_dir={photos}", f"val_dir={photos}"]))
+    assert stage2.init == str(assets) and stage2.patch == 128 and stage2.degradation_mix > 0
+    with pytest.raises(ConfigError, match="init"):
+        validate(load_config(PretrainConfig, assets / "pretrain_config.yaml", [f"hr_dir={photos}", f"val_dir={photos}"]))
