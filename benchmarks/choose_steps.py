@@ -7,7 +7,7 @@ seeds), stops at every step count of a grid (one run, resumed: the same trajecto
 evaluates each stop against the reference on two *selection* sets:
 
 * ``train``: the demo's own training crops (the LRs it generated candidates for), and
-* ``select``: crops of the selection photographs (``--select-dir``, e.g. /tmp/photos/val, the
+* ``select``: crops of the selection photographs (``--select-dir``, e.g. /tmp/photos/stage2/val, the
   folder the shipped ``ode_start`` was chosen on; neither reporting set uses them).
 
 The rule, fixed before looking: per method, the largest step count at which, on *both* selection
@@ -20,8 +20,8 @@ The same runs compare reward variants and offline β (``--fr``, ``--nr``, ``--be
 METHOD.KEY=VALUE``; ``--grid 'dp2o:60;dgpo:60'`` for one stop per method); README, "How the
 demo's reward, β and step counts were chosen", has the table and the rule.
 
-    python benchmarks/choose_steps.py --out /tmp/choose-steps --select-dir /tmp/photos/val
-    python benchmarks/choose_steps.py --out /tmp/v1 --select-dir /tmp/photos/val --grid 'dp2o:60;dgpo:60' \
+    python benchmarks/choose_steps.py --out /tmp/choose-steps --select-dir /tmp/photos/stage2/val
+    python benchmarks/choose_steps.py --out /tmp/v1 --select-dir /tmp/photos/stage2/val --grid 'dp2o:60;dgpo:60' \
         --fr ms_ssim,gmsd,local_grad_fidelity --beta 100000
 """
 

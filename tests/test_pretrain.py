@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import pytest
 from PIL import Image
@@ -72,9 +74,10 @@ def test_pretrain_refuses_bad_folders_before_work(tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # refused before the run folder
 
 
-def test_the_shipped_recipes_load_and_the_stage2_one_asks_for_its_init(tmp_path):
-    """README rebuilds the checkpoint with ``--config ASSETS/pretrain_config.yaml init=STAGE1``:
-    both recorded recipes must parse and validate, and stage 2 without ``init`` must say so."""
+def test_the_shipped_recipes_load_and_the_later_stages_ask_for_their_init(tmp_path):
+    """README rebuilds the checkpoint stage by stage with ``--config RECIPE init=PREVIOUS``: every
+    recorded recipe (stages 1 and 2, and the candidate stage 3 in docs/) must parse and validate,
+    and the later stages without ``init`` must say so."""
     from sralign.config import load_config, validate
 
     assets = shipped_checkpoint_dir()
@@ -82,7 +85,10 @@ def test_the_shipped_recipes_load_and_the_stage2_one_asks_for_its_init(tmp_path)
     assert stage1.steps == 3000 and stage1.init == ""
     photos = tmp_path / "p"
     photos.mkdir()
-    stage2 = validate(load_config(PretrainConfig, assets / "pretrain_config.yaml", [f"init={assets}", f"hr_dir={photos}", f"val_dir={photos}"]))
-    assert stage2.init == str(assets) and stage2.patch == 128 and stage2.degradation_mix > 0
-    with pytest.raises(ConfigError, match="init"):
-        validate(load_config(PretrainConfig, assets / "pretrain_config.yaml", [f"hr_dir={photos}", f"val_dir={photos}"]))
+    folders = [f"hr_dir={photos}", f"val_dir={photos}"]
+    stage3 = Path(__file__).parent.parent / "docs" / "pretrain_stage3_candidate.yaml"  # measured, not shipped
+    for path, mix in ((assets / "pretrain_config.yaml", 0.5), (stage3, 0.0)):
+        later = validate(load_config(PretrainConfig, path, [f"init={assets}", *folders]))
+        assert later.init == str(assets) and later.patch == 128 and later.degradation_mix == mix
+        with pytest.raises(ConfigError, match="init"):
+            validate(load_config(PretrainConfig, path, folders))
