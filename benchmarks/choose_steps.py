@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from sralign.config import load_config
+from sralign.config import ConfigError, load_config, validate
 from sralign.data.store import CandidateStore
 from sralign.demo import DemoConfig
 from sralign.eval.report import delta_rows
@@ -99,6 +99,11 @@ def main() -> None:
         sect, override = kv.split(".", 1)
         c = getattr(cfg, sect)
         setattr(cfg, sect, load_config(type(c), None, [override], base=c))
+    select = LRSetConfig(split="select", n=a.n, patch=cfg.generate.lr_set.patch, seed=11, hr_dir=a.select_dir)
+    try:
+        validate(select)  # a missing --select-dir stops here, not after the training
+    except ConfigError as e:
+        raise SystemExit(f"--select-dir: {e}") from None
     t0 = time.time()
     base = load_policy()
     store = CandidateStore(Path(a.store) if a.store else out / "store", create=True)
@@ -115,7 +120,7 @@ def main() -> None:
         print(f"train {m} {grid[m]}: {time.time() - t1:.0f} s", flush=True)
     sets = {
         "train": cfg.generate.lr_set,  # the demo's training crops
-        "select": LRSetConfig(split="select", n=a.n, patch=cfg.generate.lr_set.patch, seed=11, hr_dir=a.select_dir),
+        "select": select,
     }
     rows: dict[str, dict[str, dict]] = {}
     for name, lrs in sets.items():
