@@ -88,7 +88,6 @@ def main() -> None:
     grid = {**GRID, **asked}
     torch.set_num_threads(a.threads)
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
     cfg = DemoConfig()
     if a.fr or a.nr:  # one reward for every method, the evaluation included (GDPO-SR keeps its attribute split)
         for c in (cfg.dp2o, cfg.dpo, cfg.gdpo, cfg.dgpo, cfg.eval):
@@ -104,6 +103,7 @@ def main() -> None:
         validate(select)  # a missing --select-dir stops here, not after the training
     except ConfigError as e:
         raise SystemExit(f"--select-dir: {e}") from None
+    out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     base = load_policy()
     store = CandidateStore(Path(a.store) if a.store else out / "store", create=True)

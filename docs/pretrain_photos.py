@@ -12,6 +12,7 @@ Lanczos) to an 800 px short side and saved as PNG. The package folders are only 
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -54,14 +55,15 @@ def main() -> None:
     for n in LOMIRI_TRAIN + LOMIRI_VAL:
         if not (root / LOMIRI / f"{n}.jpg").is_file():
             raise SystemExit(f"{root / LOMIRI / n}.jpg: missing; extract lomiri-wallpapers-16.04 and -20.04 into {root} too")
-    for stage in (out / "stage2", out):
-        for split, names in (("train", TRAIN), ("val", VAL)):
-            (stage / split).mkdir(parents=True, exist_ok=True)
-            for n in names:
-                shrink(largest(root / PLASMA / n), stage / split / f"plasma-{n}.png")
-        for n, rel in OTHER.items():
-            shrink(root / rel, stage / "train" / f"{n}.png")
-    for split, names in (("train", LOMIRI_TRAIN), ("val", LOMIRI_VAL)):
+    stage2 = out / "stage2"
+    for split, names in (("train", TRAIN), ("val", VAL)):
+        (stage2 / split).mkdir(parents=True, exist_ok=True)
+        for n in names:
+            shrink(largest(root / PLASMA / n), stage2 / split / f"plasma-{n}.png")
+    for n, rel in OTHER.items():
+        shrink(root / rel, stage2 / "train" / f"{n}.png")
+    for split, names in (("train", LOMIRI_TRAIN), ("val", LOMIRI_VAL)):  # stage 3: stage 2's, copied, + lomiri's
+        shutil.copytree(stage2 / split, out / split, dirs_exist_ok=True)
         for n in names:
             shrink(root / LOMIRI / f"{n}.jpg", out / split / f"lomiri-{n}.png")
     print(f"{out}/train: {len(TRAIN) + len(OTHER) + len(LOMIRI_TRAIN)} images, {out}/val: {len(VAL) + len(LOMIRI_VAL)}; "
