@@ -16,7 +16,7 @@ hacking flag (``sralign.eval.hacking``: no-reference gain with a fidelity loss, 
 smooth-region noise beyond the HR's). The demo's held-out crops and the second set (the
 reporting sets) are never loaded here.
 
-The same runs compare reward variants and offline β (``--fr``, ``--nr``, ``--beta``, ``--set
+The same runs compare reward variants and offline β (``--fr``, ``--nr``, ``--nr-weight``, ``--beta``, ``--set
 METHOD.KEY=VALUE``; ``--grid 'dp2o:60;dgpo:60'`` for one stop per method); README, "How the
 demo's reward, β and step counts were chosen", has the table and the rule.
 
@@ -80,6 +80,7 @@ def main() -> None:
     ap.add_argument("--grid", default="", help="e.g. 'dp2o:60;dgpo:60' (default: every method at its grid)")
     ap.add_argument("--fr", default="", help="reward variant: full-reference metrics (default: the demo's)")
     ap.add_argument("--nr", default="", help="reward variant: no-reference metrics (default: the demo's)")
+    ap.add_argument("--nr-weight", type=float, default=None, help="reward variant: the hybrid's NR share in [0, 1] (default: the demo's)")
     ap.add_argument("--beta", type=float, default=0.0, help="offline methods' β (default: the demo's)")
     ap.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE", help="another training setting, e.g. dp2o.t_max=0.5")
     ap.add_argument("--store", default="", help="an existing candidate folder of this version (default: OUT/store)")
@@ -94,6 +95,8 @@ def main() -> None:
             c.fr_metrics = a.fr.split(",") if a.fr else c.fr_metrics
             c.nr_metrics = a.nr.split(",") if a.nr else c.nr_metrics
     settings = [f"{m}.beta={a.beta}" for m in ("dp2o", "dpo")] if a.beta else []
+    if a.nr_weight is not None:  # every hybrid, the evaluation's included
+        settings += [f"{m}.nr_weight={a.nr_weight}" for m in ("dp2o", "dpo", "gdpo", "dgpo", "eval")]
     for kv in settings + a.set:  # through the configs' own override path: typed and range-checked
         sect, override = kv.split(".", 1)
         c = getattr(cfg, sect)

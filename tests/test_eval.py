@@ -281,6 +281,8 @@ def test_run_reward_reads_the_trained_reward(tmp_path):
     assert run_reward(tmp_path) == {"reward": "attribute", "nr_metrics": ["brisque"], "texture_rule": "authors"}
     (tmp_path / "config.yaml").write_text("method: dp2o\nfr_metrics: [psnr]\nnr_metrics: [gap:brisque]\n")  # offline runs: hybrid
     assert run_reward(tmp_path) == {"reward": "hybrid", "fr_metrics": ["psnr"], "nr_metrics": ["gap:brisque"]}
+    (tmp_path / "config.yaml").write_text("method: dp2o\nfr_metrics: [psnr]\nnr_metrics: [gap:brisque]\nnr_weight: 0.25\n")
+    assert run_reward(tmp_path)["nr_weight"] == 0.25
 
 
 def _eval_crops(photos):

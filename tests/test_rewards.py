@@ -118,6 +118,25 @@ def test_hybrid_hand_computed():
     assert set(out.normalized) == {"psnr", "ssim", "brisque"}
 
 
+def test_hybrid_nr_share_weights_the_sides_hand_computed():
+    raw = {
+        "psnr": torch.tensor([[20.0, 30.0, 25.0]]),
+        "ssim": torch.tensor([[0.5, 0.7, 0.9]]),
+        "brisque": torch.tensor([[10.0, 40.0, 20.0]]),
+    }
+    fr = (torch.tensor([0.0, 1.0, 0.5]) + torch.tensor([0.0, 0.5, 1.0])) / 2
+    nr = torch.tensor([1.0, 0.0, 2 / 3])
+    h = HybridReward.from_names(["psnr", "ssim"], ["brisque"], nr_share=0.25)
+    assert (h.fr_weight, h.nr_weight) == (0.75, 0.25)
+    assert torch.allclose(h.from_scores(raw).total[0], 0.75 * fr + 0.25 * nr)
+    # the two sides rank the candidates differently: the share decides which one wins
+    assert h.from_scores(raw).total[0].argmax() == 2
+    assert HybridReward.from_names(["psnr", "ssim"], ["brisque"], nr_share=0.9).from_scores(raw).total[0].argmax() == 0
+    assert torch.allclose(HybridReward.from_names(["psnr", "ssim"], ["brisque"], nr_share=0.0).from_scores(raw).total[0], fr)
+    with pytest.raises(MetricError, match="nr_share"):
+        HybridReward.from_names(["psnr"], ["brisque"], nr_share=1.5)
+
+
 def test_hybrid_invariant_to_metric_offset_and_scale():
     h = _hybrid()
     g = torch.Generator().manual_seed(0)

@@ -12,7 +12,7 @@ import torch
 from ..config import check_metric_names, ranged, validate
 from ..policies import load_policy
 from ..rewards.attribute import TEXTURE_RULES, AttributeReward
-from ..rewards.hybrid import DEFAULT_FR, DEFAULT_NR, HybridReward
+from ..rewards.hybrid import DEFAULT_FR, DEFAULT_NR, DEFAULT_NR_WEIGHT, HybridReward
 from ..train.candidates import LRSetConfig, make_lr_set
 from .bestof import PolicySpec, evaluate_policies
 from .grid import save_grid
@@ -25,7 +25,8 @@ from .report import delta_rows, format_deltas, format_table, summary_rows, write
 class EvalConfig:
     """``sralign eval``: M seeds per held-out LR, the reward the methods trained on (``reward``
     "hybrid" with ``fr_metrics`` / ``nr_metrics``, or GDPO-SR's "attribute" reward: PSNR-Y and
-    ``nr_metrics`` weighted by the HR's smooth / textured area under ``texture_rule``;
+    ``nr_metrics`` weighted by the HR's smooth / textured area under ``texture_rule``; the hybrid
+    gives its NR side the share ``nr_weight``;
     ``sralign eval RUN`` reads them from the run's config.yaml unless told), ``heldout_metrics``
     (PSNR and SSIM: fidelity, held out where no method trained on them; raw BRISQUE / NIQE-s
     shown beside the HR's own values), and the ``hacking`` thresholds that flag a policy."""
@@ -36,6 +37,7 @@ class EvalConfig:
     reward: str = ranged("hybrid", choices=("hybrid", "attribute"))
     fr_metrics: list[str] = field(default_factory=lambda: list(DEFAULT_FR))
     nr_metrics: list[str] = field(default_factory=lambda: list(DEFAULT_NR))
+    nr_weight: float = ranged(DEFAULT_NR_WEIGHT, ge=0, le=1)
     texture_rule: str = ranged("sralign", choices=TEXTURE_RULES)
     heldout_metrics: list[str] = field(default_factory=lambda: ["psnr", "ssim", "brisque", "niqe_s"])
     hacking: HackingThresholds = field(default_factory=HackingThresholds)
@@ -58,11 +60,11 @@ def build_eval_reward(cfg: EvalConfig) -> HybridReward | AttributeReward:
     """The reward that ranks every row (``cfg.reward``; the attribute reward ignores fr_metrics)."""
     if cfg.reward == "attribute":
         return AttributeReward.from_names(cfg.nr_metrics, rule=cfg.texture_rule)
-    return HybridReward.from_names(cfg.fr_metrics, cfg.nr_metrics)
+    return HybridReward.from_names(cfg.fr_metrics, cfg.nr_metrics, nr_share=cfg.nr_weight)
 
 
 #: the reward settings ``sralign eval RUN`` takes from the run's config.yaml
-REWARD_KEYS = ("reward", "fr_metrics", "nr_metrics", "texture_rule")
+REWARD_KEYS = ("reward", "fr_metrics", "nr_metrics", "nr_weight", "texture_rule")
 
 
 def run_reward(run_dir: str | Path) -> dict:

@@ -56,6 +56,8 @@ def score_group(metrics: list[Metric], sr: Tensor, hr: Tensor | None) -> dict[st
 # the demo's training crops and the selection photographs, never a reporting set).
 DEFAULT_FR = ("ms_ssim", "gmsd", "local_grad_fidelity")
 DEFAULT_NR = ("gap:brisque", "gap:niqe_s")
+#: the NR side's share of the default hybrid (the FR side gets the rest)
+DEFAULT_NR_WEIGHT = 0.5
 
 
 @dataclass
@@ -77,7 +79,13 @@ class HybridReward:
     metric_weights: dict[str, float] = field(default_factory=dict)
 
     @classmethod
-    def from_names(cls, fr: list[str], nr: list[str], **kw) -> "HybridReward":
+    def from_names(cls, fr: list[str], nr: list[str], nr_share: float | None = None, **kw) -> "HybridReward":
+        """The hybrid of registered metrics by name; ``nr_share`` in [0, 1] sets
+        ``nr_weight = nr_share`` and ``fr_weight = 1 − nr_share`` (None: the given weights)."""
+        if nr_share is not None:
+            if not 0.0 <= nr_share <= 1.0:
+                raise MetricError(f"nr_share must lie in [0, 1], got {nr_share}")
+            kw.update(fr_weight=1.0 - nr_share, nr_weight=nr_share)
         fm, nm = [get_metric(n) for n in fr], [get_metric(n) for n in nr]
         for m in fm:
             if side_of(m) != "FR":

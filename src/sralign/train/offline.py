@@ -45,7 +45,7 @@ class OfflineTrainer:
     def __init__(self, policy: TinyPolicy, store: CandidateStore, cfg: DP2OConfig, out: str | Path):
         validate(cfg)
         self.policy, self.store, self.cfg, self.out = policy, store, cfg, Path(out)
-        self.reward = HybridReward.from_names(cfg.fr_metrics, cfg.nr_metrics)
+        self.reward = HybridReward.from_names(cfg.fr_metrics, cfg.nr_metrics, nr_share=cfg.nr_weight)
         files: dict[int, Candidate] = {}  # every paired candidate's file, from the pair query itself
         self.pairs: list[Pair] = build_pairs(store, self.reward, cfg.n, cfg.method, key=cfg.store_key or None, files=files)
         if not self.pairs:

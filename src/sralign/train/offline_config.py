@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import check_metric_names, ranged
-from ..rewards.hybrid import DEFAULT_FR, DEFAULT_NR
+from ..rewards.hybrid import DEFAULT_FR, DEFAULT_NR, DEFAULT_NR_WEIGHT
 
 
 @dataclass
@@ -22,6 +22,7 @@ class DP2OConfig:
     fr_metrics / nr_metrics: the hybrid reward's sets (built-in names, pyiqa:NAME, gap:NAME).
       Default: GMSD + gradient-energy ratio | BRISQUE and NIQE-s read against the HR (gap:),
       every term optimal at SR = HR (``rewards.hybrid.DEFAULT_FR/NR``).
+    nr_weight: the NR side's share of the hybrid, in [0, 1] (the FR side gets 1 − nr_weight).
     store_key: which generation key of the store to train on (a hash prefix, as `train`
     lists them); empty: the store's only key.
 
@@ -39,6 +40,7 @@ class DP2OConfig:
     n: int = ranged(4, ge=1)
     fr_metrics: list[str] = ranged(default_factory=lambda: list(DEFAULT_FR))
     nr_metrics: list[str] = ranged(default_factory=lambda: list(DEFAULT_NR))
+    nr_weight: float = ranged(DEFAULT_NR_WEIGHT, ge=0, le=1)
     store_key: str = ""
     beta: float = ranged(5000.0, gt=0)
     lr: float = ranged(1e-4, gt=0)

@@ -90,7 +90,7 @@ def build_reward(cfg: OnlineConfig):
     if cfg.reward == "attribute":
         return AttributeReward.from_names(cfg.nr_metrics, rule=cfg.texture_rule)
     if cfg.reward == "hybrid":
-        return HybridReward.from_names(cfg.fr_metrics, cfg.nr_metrics)
+        return HybridReward.from_names(cfg.fr_metrics, cfg.nr_metrics, nr_share=cfg.nr_weight)
     raise ValueError(f"reward must be 'attribute' or 'hybrid', got {cfg.reward!r}")
 
 

@@ -15,7 +15,7 @@ from ..config import check_metric_names, ranged
 from ..losses.grpo import KL_FORMS
 from ..rewards.attribute import DEFAULT_NR_ATTRIBUTE, TEXTURE_RULES
 from ..policies.base import SAMPLERS
-from ..rewards.hybrid import DEFAULT_FR, DEFAULT_NR
+from ..rewards.hybrid import DEFAULT_FR, DEFAULT_NR, DEFAULT_NR_WEIGHT
 from .candidates import LRSetConfig
 
 PRESETS = ("sralign", "authors")
@@ -28,7 +28,8 @@ class OnlineConfig:
     > Data: ``lr_set`` (the pool of training LR crops), ``batch_lr`` LR images per step,
       ``group`` G rollouts per LR.
     > Reward: ``reward`` "attribute" (GDPO-SR) or "hybrid" (DP²O-SR); ``fr_metrics`` /
-      ``nr_metrics`` name the metrics (built-in or pyiqa:NAME); ``texture_rule`` the attribute
+      ``nr_metrics`` name the metrics (built-in or pyiqa:NAME); ``nr_weight`` the hybrid's NR
+      share in [0, 1] (FR: 1 − nr_weight; the attribute reward ignores it); ``texture_rule`` the attribute
       reward's texture map ("sralign" or "authors": their gray conversion and edge-block rule).
     > Advantages: z-score per group with ``adv_eps`` added to the std; ``adv_unbiased`` Bessel's
       std (GDPO-SR) or the population std (Flow-GRPO, DGPO); ``adv_global_std`` one std over
@@ -79,6 +80,7 @@ class OnlineConfig:
     reward: str = ranged("hybrid", choices=("hybrid", "attribute"))
     fr_metrics: list[str] = field(default_factory=lambda: list(DEFAULT_FR))
     nr_metrics: list[str] = field(default_factory=lambda: list(DEFAULT_NR))
+    nr_weight: float = ranged(DEFAULT_NR_WEIGHT, ge=0, le=1)
     rollout_from: str = ranged("ema", choices=("reference", "ema", "policy"))
     sampler: str = ranged("ode", choices=SAMPLERS)
     steps: int = ranged(4, ge=1, le=1000)
