@@ -101,6 +101,16 @@ def test_flags_nr_gain_with_fidelity_loss():
     assert hacking_flags(m, _stats(), "aligned", "ref", ["gap:brisque"], FID) == []
 
 
+def test_flags_a_colour_shift_through_psnr_rgb():
+    """Every reward term reads luma: a drift of the colour balance shows only in PSNR-RGB."""
+    fid = {"psnr": "psnr", "psnr_rgb": "psnr_rgb", "ssim": "ssim"}
+    m = {"brisque": _m(30.0, 40.0, higher=False), "psnr": _m(28.1, 28.0), "psnr_rgb": _m(25.6, 26.0), "ssim": _m(0.71, 0.71)}
+    flags = hacking_flags(m, _stats(), "aligned", "ref", ["brisque"], fid)
+    assert len(flags) == 1 and "psnr_rgb -0.400" in flags[0] and "psnr -" not in flags[0]
+    m["psnr_rgb"] = _m(25.95, 26.0)  # within the PSNR tolerance
+    assert hacking_flags(m, _stats(), "aligned", "ref", ["brisque"], fid) == []
+
+
 def test_flags_sharpness_and_noise_beyond_the_hr():
     m = {"psnr": _m(28.0, 28.0)}
     assert hacking_flags(m, _stats(sharp=1.09, noise=1.1), "aligned", "ref", [], FID) == []
@@ -240,7 +250,7 @@ def test_eval_cli_on_your_own_photos_reports_like_the_demo(tmp_path, policy_dir,
     # with the reward it trained on (the attribute-aware one; PSNR is in it, SSIM held out)
     assert ev["samplers"] == {"reference (onestep)": "onestep", "run": "onestep"}
     assert ev["reward_kind"] == "attribute" and ev["reward_names"] == ["psnr", "gap:brisque", "gap:niqe_s"]
-    assert ev["heldout_metrics"] == ["ssim", "brisque", "niqe_s"]
+    assert ev["heldout_metrics"] == ["psnr_rgb", "ssim", "brisque", "niqe_s"]
     rows = {r["policy"]: r for r in ev["table"]}
     assert set(rows) == {"reference (onestep)", "run", "bicubic", "HR"}
     nr = ["brisque", "niqe_s", "gap:brisque", "gap:niqe_s"]

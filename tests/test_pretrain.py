@@ -76,7 +76,7 @@ def test_pretrain_refuses_bad_folders_before_work(tmp_path):
 
 def test_the_shipped_recipes_load_and_the_later_stages_ask_for_their_init(tmp_path):
     """README rebuilds the checkpoint stage by stage with ``--config RECIPE init=PREVIOUS``: every
-    recorded recipe (stages 1 and 2, and the candidate stage 3 in docs/) must parse and validate,
+    recorded recipe (stages 1, 2 and 3, the last as ``pretrain_config.yaml``) must parse and validate,
     and the later stages without ``init`` must say so."""
     from sralign.config import load_config, validate
 
@@ -86,8 +86,7 @@ def test_the_shipped_recipes_load_and_the_later_stages_ask_for_their_init(tmp_pa
     photos = tmp_path / "p"
     photos.mkdir()
     folders = [f"hr_dir={photos}", f"val_dir={photos}"]
-    stage3 = Path(__file__).parent.parent / "docs" / "pretrain_stage3_candidate.yaml"  # measured, not shipped
-    for path, mix in ((assets / "pretrain_config.yaml", 0.5), (stage3, 0.0)):
+    for path, mix in ((assets / "pretrain_stage2.yaml", 0.5), (assets / "pretrain_config.yaml", 0.0)):
         later = validate(load_config(PretrainConfig, path, [f"init={assets}", *folders]))
         assert later.init == str(assets) and later.patch == 128 and later.degradation_mix == mix
         with pytest.raises(ConfigError, match="init"):

@@ -42,6 +42,23 @@ def test_psnr_ssim_match_skimage(photos):
     assert torch.allclose(get_metric("psnr", border=4)(photos, photos), torch.full((4,), 100.0), atol=1e-3)
 
 
+def test_psnr_rgb_matches_skimage_and_sees_a_colour_shift_that_keeps_luma(photos):
+    g = torch.Generator().manual_seed(0)
+    noisy = (photos + 0.05 * torch.randn(photos.shape, generator=g)).clamp(0, 1)
+    pr = get_metric("psnr_rgb")(noisy, photos)
+    for i in range(len(photos)):
+        ref = peak_signal_noise_ratio(photos[i].double().numpy(), noisy[i].double().numpy(), data_range=1.0)
+        assert abs(float(pr[i]) - ref) < 1e-3
+    # R and B moved against G so that BT.601 luma stays put: PSNR-Y cannot see it, PSNR-RGB can
+    w = torch.tensor([65.481, 128.553, 24.966])
+    d = torch.tensor([0.02, 0.0, -0.02 * w[0] / w[2]]).view(1, 3, 1, 1)
+    mid = photos * 0.5 + 0.25  # no clipping
+    shifted = mid + d
+    assert float((rgb_to_y(shifted) - rgb_to_y(mid)).abs().max()) < 1e-5
+    assert float(get_metric("psnr")(shifted, mid).min()) > 90
+    assert float(get_metric("psnr_rgb")(shifted, mid).max()) < 35
+
+
 def test_brisque_matches_package_scorer(photos):
     brisque = pytest.importorskip("brisque")  # the package's scorer needs OpenCV too
     cv2 = pytest.importorskip("cv2")

@@ -166,7 +166,7 @@ def evaluate_policies(
     th = thresholds or HackingThresholds()
     res.thresholds = asdict(th)
     nr_names = [mt.name for mt in all_metrics if side_of(mt) == "NR"]
-    fidelity = {f: f for f in ("psnr", "ssim") if f in res.metrics}
+    fidelity = {f: f for f in ("psnr", "psnr_rgb", "ssim") if f in res.metrics}
     for k, sp in specs.items():
         if sp.baseline is not None:
             res.flags[k] = hacking_flags(res.metrics, res.stats, k, sp.baseline, nr_names, fidelity, th)

@@ -104,8 +104,8 @@ def hacking_flags(metrics: dict[str, dict[str, dict]], stats: dict[str, dict[str
         metrics: {metric: {row: {"mean": float, "higher_is_better": bool}}} (an ``EvalResult``'s).
         stats: {row: {"sharp/HR": float, "noise/HR": float}}.
         nr_names: the no-reference metrics whose improvement counts as a gain.
-        fidelity: {"psnr": metric name, "ssim": metric name} of the held-out fidelity metrics
-            (either may be missing).
+        fidelity: {"psnr" | "psnr_rgb" | "ssim": metric name} of the held-out fidelity metrics
+            (any may be missing; "psnr_rgb" shares the PSNR tolerance and catches colour shifts).
     """
     gains = []
     for name in nr_names:
@@ -118,7 +118,7 @@ def hacking_flags(metrics: dict[str, dict[str, dict]], stats: dict[str, dict[str
     flags = []
     if gains:
         lost = []
-        for kind, tol in (("psnr", th.psnr_drop_db), ("ssim", th.ssim_drop)):
+        for kind, tol in (("psnr", th.psnr_drop_db), ("psnr_rgb", th.psnr_drop_db), ("ssim", th.ssim_drop)):
             name = fidelity.get(kind)
             if name and name in metrics:
                 d = metrics[name][policy]["mean"] - metrics[name][reference]["mean"]

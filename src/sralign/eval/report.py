@@ -103,7 +103,7 @@ def delta_rows(result) -> list[dict]:
         d_std = result.reward_std[name] - result.reward_std[ref]
         row = {"policy": name, "vs": ref, "ΔMean@M": d_mean, "ΔWorst@M": d_worst, "Δstd/img": d_std,
                "ΔWorst−ΔMean": d_worst - d_mean, "spread claim": "yes" if spread_claim(d_mean, d_worst, d_std) else "no"}
-        for f in ("psnr", "ssim"):
+        for f in ("psnr", "psnr_rgb", "ssim"):
             if f in result.metrics:
                 row[f"Δ{f}"] = result.metrics[f][name]["mean"] - result.metrics[f][ref]["mean"]
         row.update({k: result.stats[name][k] for k in STAT_COLS})

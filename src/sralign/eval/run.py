@@ -28,7 +28,8 @@ class EvalConfig:
     ``nr_metrics`` weighted by the HR's smooth / textured area under ``texture_rule``; the hybrid
     gives its NR side the share ``nr_weight``;
     ``sralign eval RUN`` reads them from the run's config.yaml unless told), ``heldout_metrics``
-    (PSNR and SSIM: fidelity, held out where no method trained on them; raw BRISQUE / NIQE-s
+    (PSNR-Y, PSNR-RGB and SSIM: fidelity, held out where no method trained on them — every reward
+    term reads luma only, so PSNR-RGB is what sees a drift of the colour balance; raw BRISQUE / NIQE-s
     shown beside the HR's own values), and the ``hacking`` thresholds that flag a policy."""
 
     m: int = ranged(16, ge=1)
@@ -39,7 +40,7 @@ class EvalConfig:
     nr_metrics: list[str] = field(default_factory=lambda: list(DEFAULT_NR))
     nr_weight: float = ranged(DEFAULT_NR_WEIGHT, ge=0, le=1)
     texture_rule: str = ranged("sralign", choices=TEXTURE_RULES)
-    heldout_metrics: list[str] = field(default_factory=lambda: ["psnr", "ssim", "brisque", "niqe_s"])
+    heldout_metrics: list[str] = field(default_factory=lambda: ["psnr", "psnr_rgb", "ssim", "brisque", "niqe_s"])
     hacking: HackingThresholds = field(default_factory=HackingThresholds)
     lr_set: LRSetConfig = field(default_factory=lambda: LRSetConfig(split="heldout", n=8, patch=64, seed=123))
     grid_images: int = ranged(3, ge=1)

@@ -27,6 +27,16 @@ def psnr_y(sr: Tensor, hr: Tensor, border: int = 0, eps: float = 1e-10) -> Tenso
     return (10 * torch.log10(1.0 / (mse + eps))).to(sr.dtype)
 
 
+def psnr_rgb(sr: Tensor, hr: Tensor, border: int = 0, eps: float = 1e-10) -> Tensor:
+    """PSNR (dB) over the three RGB channels, data range 1. [B] (Y-channel metrics do not see a
+    shift of the colour balance that keeps luma; this one does.)"""
+    if sr.shape != hr.shape:
+        raise ValueError(f"sr {tuple(sr.shape)} and hr {tuple(hr.shape)} differ in shape")
+    a, b = crop_border(sr.double(), border), crop_border(hr.double(), border)
+    mse = ((a - b) ** 2).flatten(1).mean(1)
+    return (10 * torch.log10(1.0 / (mse + eps))).to(sr.dtype)
+
+
 def sobel_magnitude(gray: Tensor) -> Tensor:
     """Sobel gradient magnitude of [B,1,H,W] (replicate padding)."""
     kx = torch.tensor([[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]], dtype=gray.dtype, device=gray.device)

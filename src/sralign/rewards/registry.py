@@ -44,10 +44,11 @@ def _builtin():
     from . import builtin
     from .brisque import brisque_score
     from .fullref import gmsd_y, ms_ssim_y
-    from .functional import psnr_y
+    from .functional import psnr_rgb, psnr_y
     from .niqe import niqe_s
 
     register_metric("psnr", lambda border=0: FunctionMetric("psnr", "FR", True, lambda s, h: psnr_y(s, h, border), description="PSNR on Y (dB)"))
+    register_metric("psnr_rgb", lambda border=0: FunctionMetric("psnr_rgb", "FR", True, lambda s, h: psnr_rgb(s, h, border), description="PSNR on RGB (dB): sees colour shifts the Y-channel metrics miss"))
     register_metric("ssim", lambda border=0: FunctionMetric("ssim", "FR", True, lambda s, h: builtin.ssim_y(s, h, border), min_size=11, description="SSIM on Y"))
     register_metric("gmsd", lambda border=0: FunctionMetric("gmsd", "FR", False, lambda s, h: gmsd_y(s, h, border), min_size=8, description="GMSD on Y (Xue et al. 2014)"))
     register_metric("ms_ssim", lambda scales=None: FunctionMetric("ms_ssim", "FR", True, lambda s, h: ms_ssim_y(s, h, scales), min_size=11, description="MS-SSIM on Y (up to 3 scales, as many as the image fits; torchmetrics convention)"))
