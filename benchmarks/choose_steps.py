@@ -132,7 +132,7 @@ def main() -> None:
                        samplers=samplers, progress=False)
         rows[name] = {r["policy"]: r for r in delta_rows(res)}
         print(f"eval on {name}: {time.time() - t1:.0f} s", flush=True)
-    print(f"\n{'stop':>10s} " + " ".join(f"{s + ':' + c:>16s}" for s in sets for c in ("ΔMean", "ΔWorst", "Δpsnr", "Δssim", "noise/HR", "flag")))
+    print(f"\n{'stop':>10s} " + " ".join(f"{s + ':' + c:>16s}" for s in sets for c in ("ΔMean", "ΔWorst", "Δpsnr", "Δpsnr_rgb", "Δssim", "noise/HR", "flag")))
     choice = {}
     for m in methods:
         ok_k = []
@@ -142,7 +142,7 @@ def main() -> None:
                 r = rows[s][label]
                 flag = r["hacking flags"] != "none"
                 ok &= r["ΔMean@M"] > 0 and r["ΔWorst@M"] > 0 and not flag
-                cells += [f"{r['ΔMean@M']:+.4f}", f"{r['ΔWorst@M']:+.4f}", f"{r['Δpsnr']:+.3f}", f"{r['Δssim']:+.4f}",
+                cells += [f"{r['ΔMean@M']:+.4f}", f"{r['ΔWorst@M']:+.4f}", f"{r['Δpsnr']:+.3f}", f"{r.get('Δpsnr_rgb', float('nan')):+.3f}", f"{r['Δssim']:+.4f}",
                           f"{r['noise/HR']:.3f}", "FLAG" if flag else "-"]
             if ok:
                 ok_k.append(k)

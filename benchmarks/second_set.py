@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -30,7 +31,8 @@ from PIL import Image
 
 from sralign.data.images import list_images
 from sralign.eval.report import format_deltas, format_table
-from sralign.eval.run import EvalConfig, run_eval
+from sralign.demo import DemoConfig
+from sralign.eval.run import run_eval
 from sralign.train.candidates import LRSetConfig
 
 METHODS = {"dp2o": "ode", "dpo": "ode", "gdpo": "onestep", "dgpo": "ode"}
@@ -71,8 +73,9 @@ def main() -> None:
     pols = {m: demo / "runs" / m / "policy" for m in METHODS if (demo / "runs" / m / "policy" / "config.json").is_file()}
     if not pols:
         raise SystemExit(f"{demo}: no aligned policies under runs/<method>/policy; run `sralign demo --out {demo}` first")
-    cfg = EvalConfig(m=args.m, lr_set=LRSetConfig(split="second", n=args.n, patch=args.patch, seed=7, hr_dir=str(hr_dir)),
-                     grid_images=3, grid_seeds=3)
+    # the demo's evaluation (its reward, NR share included), on the second set's crops
+    cfg = replace(DemoConfig().eval, m=args.m, lr_set=LRSetConfig(split="second", n=args.n, patch=args.patch, seed=7, hr_dir=str(hr_dir)),
+                  grid_images=3, grid_seeds=3)
     res = run_eval(pols, cfg, Path(args.work) / "eval", samplers={k: METHODS[k] for k in pols}, progress=False)
     print(f"{len(list_images(hr_dir))} photographs, {args.n} crops of {args.patch}², M = {args.m}; {time.time() - t0:.0f} s")
     print(format_table(res))

@@ -149,7 +149,7 @@ def legend(result) -> str:
             f"energy inside the HR's smooth regions (attribute reward's texture map, eroded 2 px) over the HR's. "
             f"Rows bicubic and HR: bicubic upsampling of the same LR, and the HR crops themselves (no-reference "
             f"scores only; gap: metrics are 0 there). A policy is flagged when, against its reference at equal seeds, a "
-            f"no-reference metric improves by more than {th['nr_gain']:.0%} while held-out PSNR falls by more than "
+            f"no-reference metric improves by more than {th['nr_gain']:.0%} while held-out PSNR (Y or RGB) falls by more than "
             f"{th['psnr_drop_db']} dB or SSIM by more than {th['ssim_drop']}, or when sharp/HR exceeds {th['sharp_max']} "
             f"or noise/HR exceeds {th['noise_max']} (and its reference's). Spread claim (DP²O-SR): yes when, against "
             f"the reference, Worst@M rises by more than Mean@M (ΔWorst@M > 0 and ΔWorst−ΔMean > 0) and std/img falls.")
