@@ -523,6 +523,17 @@ def test_gdpo_config_takes_gap_metrics_for_the_attribute_reward():
         load_config(GDPOConfig, None, ["nr_metrics=[gmsd]"])
 
 
+def test_online_hybrid_takes_the_nr_weight_and_it_is_range_checked():
+    from sralign.config import ConfigError, load_config, validate
+    from sralign.train.online import build_reward
+    from sralign.train.online_config import DGPOConfig
+
+    r = build_reward(load_config(DGPOConfig, None, ["nr_weight=0.25"]))
+    assert isinstance(r, HybridReward) and (r.fr_weight, r.nr_weight) == (0.75, 0.25)
+    with pytest.raises(ConfigError, match=r"nr_weight must be in \[0, 1\]"):
+        validate(load_config(DGPOConfig, None, ["nr_weight=-0.1"]))
+
+
 def test_attribute_reward_ranks_stored_scores_like_the_call(photos):
     """``ranks`` (eval: several policies' samples pooled, scored once) gives the reward the call
     gives; the hybrid's ``ranks`` is its ``from_scores``."""

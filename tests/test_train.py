@@ -50,6 +50,18 @@ def test_offline_training_moves_policy_not_reference(tmp_path, scored_store, pol
     assert len(rows) == 3 and "implicit_acc" in rows[0]
 
 
+def test_offline_pairs_follow_the_nr_weight(tmp_path, scored_store, policy_dir):  # noqa: F811
+    """``nr_weight`` is the hybrid's NR share: the trainer's reward takes it, and an FR-only and an
+    NR-only ranking of the same candidates give different best-vs-worst pairs."""
+    store = CandidateStore(scored_store, repair=False)
+    pairs = {}
+    for w in (0.0, 0.25, 1.0):
+        tr = OfflineTrainer(load_policy(str(policy_dir)), store, DP2OConfig(method="dpo", nr_weight=w), tmp_path / f"r{w}")
+        assert (tr.reward.fr_weight, tr.reward.nr_weight) == (1.0 - w, w)
+        pairs[w] = [(pr.cid_w, pr.cid_l) for pr in tr.pairs]
+    assert pairs[0.0] != pairs[1.0]
+
+
 def _grads(policy):
     return torch.cat([q.grad.flatten() for q in policy.trainable_parameters() if q.grad is not None])
 
