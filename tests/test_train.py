@@ -62,6 +62,37 @@ def test_offline_pairs_follow_the_nr_weight(tmp_path, scored_store, policy_dir):
     assert pairs[0.0] != pairs[1.0]
 
 
+def test_offline_pairs_with_the_attribute_reward_hand_computed(tmp_path, scored_store, policy_dir):  # noqa: F811
+    """``reward=attribute``: each LR's HR gives its textured share f; a candidate's reward is
+    (1 − f)·minmax(PSNR-Y) + f·mean(minmax(NR)) within the LR's group (GDPO-SR's formula, written
+    out here); Diffusion-DPO pairs its best with its worst."""
+    import shutil
+
+    from sralign.config import ConfigError, load_config, validate
+    from sralign.rewards.attribute import AttributeReward, texture_map
+
+    d = tmp_path / "store"
+    shutil.copytree(scored_store, d)
+    st = CandidateStore(d, repair=False)
+    score_store(st, ["psnr"], progress=False)
+    tr = OfflineTrainer(load_policy(str(policy_dir)), st, DP2OConfig(method="dpo", reward="attribute"), tmp_path / "run")
+    assert isinstance(tr.reward, AttributeReward) and tr.reward.names == ["psnr", *DEFAULT_NR]
+    key = st.resolve_key(None)
+    names = tr.reward.names
+    expected = {}
+    for lr_id, rows in st.grouped(key, names):
+        v = torch.tensor([r[2 : 2 + len(names)] for r in rows], dtype=torch.float64)  # [G, metrics], all higher-better
+        norm = (v - v.min(0).values) / (v.max(0).values - v.min(0).values)
+        f = float(texture_map(st.load_lr(lr_id, key=key)[1][None].float()).mean())
+        total = (1 - f) * norm[:, 0] + f * norm[:, 1:].mean(1)
+        expected[lr_id] = (rows[int(total.argmax())][0], rows[int(total.argmin())][0])
+    assert {p.lr_id: (p.cid_w, p.cid_l) for p in tr.pairs} == expected and len(expected) == 3
+    hybrid = OfflineTrainer(load_policy(str(policy_dir)), st, DP2OConfig(method="dpo"), tmp_path / "h")
+    assert {p.lr_id: (p.cid_w, p.cid_l) for p in hybrid.pairs} != expected  # the ranking is not the hybrid's
+    with pytest.raises(ConfigError, match="nr_metrics lists 'gmsd', a full-reference metric"):
+        validate(load_config(DP2OConfig, None, ["reward=attribute", "nr_metrics=[gmsd]"]))
+
+
 def _grads(policy):
     return torch.cat([q.grad.flatten() for q in policy.trainable_parameters() if q.grad is not None])
 

@@ -12,6 +12,7 @@ import torch
 from ..config import check_metric_names, ranged, validate
 from ..policies import load_policy
 from ..rewards.attribute import TEXTURE_RULES, AttributeReward
+from ..rewards.build import build_reward
 from ..rewards.hybrid import DEFAULT_FR, DEFAULT_NR, DEFAULT_NR_WEIGHT, HybridReward
 from ..train.candidates import LRSetConfig, make_lr_set
 from .bestof import PolicySpec, evaluate_policies
@@ -59,9 +60,7 @@ class EvalConfig:
 
 def build_eval_reward(cfg: EvalConfig) -> HybridReward | AttributeReward:
     """The reward that ranks every row (``cfg.reward``; the attribute reward ignores fr_metrics)."""
-    if cfg.reward == "attribute":
-        return AttributeReward.from_names(cfg.nr_metrics, rule=cfg.texture_rule)
-    return HybridReward.from_names(cfg.fr_metrics, cfg.nr_metrics, nr_share=cfg.nr_weight)
+    return build_reward(cfg)
 
 
 #: the reward settings ``sralign eval RUN`` takes from the run's config.yaml

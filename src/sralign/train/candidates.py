@@ -17,6 +17,7 @@ from ..data.store import BlobError, Candidate, CandidateStore, StoreError, spec_
 from ..losses import hpo_weights
 from ..policies.base import SAMPLERS, STOCHASTIC_SAMPLERS, condition_captioned
 from ..policies.tiny import TinyPolicy
+from ..rewards.attribute import AttributeReward
 from ..rewards.hybrid import HybridReward
 from ..rewards.registry import get_metric
 from .distributed import barrier, init_if_needed, rank_world
@@ -231,7 +232,18 @@ class Pair:
     key_id: str = ""  # the generation key both candidates belong to
 
 
-def build_pairs(store: CandidateStore, reward: HybridReward, n: int, method: str = "dp2o", key: str | None = None,
+def _hr_areas(store: CandidateStore, reward: AttributeReward, lr_ids: list[str], key_id: str) -> torch.Tensor:
+    """The textured share [len(lr_ids)] of each LR's HR under the attribute reward's texture map."""
+    out = []
+    for lr_id in lr_ids:
+        _, hr = store.load_lr(lr_id, key=key_id)
+        if hr is None:
+            raise ValueError(f"LR {lr_id} has no HR in the store; the attribute-aware reward needs it (reward=hybrid does not)")
+        out.append(reward.areas(hr[None].float())[1].reshape(()))
+    return torch.stack(out) if out else torch.zeros(0)
+
+
+def build_pairs(store: CandidateStore, reward: HybridReward | AttributeReward, n: int, method: str = "dp2o", key: str | None = None,
                 files: dict[int, Candidate] | None = None) -> list[Pair]:
     """DP²O: top-N × bottom-N pairs per LR with HPO weights; DPO: best vs worst, weight 1.
 
@@ -240,7 +252,9 @@ def build_pairs(store: CandidateStore, reward: HybridReward, n: int, method: str
     group (one indexed query); rewards are computed for all groups of one size at once (row-wise,
     so each group's values are those of a per-group computation). ``files`` (a dict to fill):
     the ``Candidate`` row (file name and checksum) of every candidate in a pair, read by the
-    same query, so that the files can be checked without one lookup per candidate."""
+    same query, so that the files can be checked without one lookup per candidate.
+    ``reward`` an ``AttributeReward``: each LR's HR (from the store) gives its smooth / textured
+    area shares, which weight PSNR-Y against the NR metrics (GDPO-SR's attribute-aware ranking)."""
     if method not in ("dp2o", "dpo"):
         raise ValueError(f"method must be dp2o or dpo, got {method!r}")
     key_id = store.resolve_key(key)
@@ -267,9 +281,15 @@ def build_pairs(store: CandidateStore, reward: HybridReward, n: int, method: str
     by_size: dict[int, list[int]] = {}
     for g, c in enumerate(cids):
         by_size.setdefault(len(c), []).append(g)
+    areas = _hr_areas(store, reward, lr_ids, key_id) if isinstance(reward, AttributeReward) else None
     for size, gs in by_size.items():
         v = torch.tensor([vals[g] for g in gs])  # [B, G, metrics], float32 as before
-        total = reward.from_scores({m: v[:, :, j].contiguous() for j, m in enumerate(names)}).total
+        raw = {m: v[:, :, j].contiguous() for j, m in enumerate(names)}
+        if areas is None:
+            total = reward.from_scores(raw).total
+        else:
+            f_tex = areas[gs][:, None]
+            total = reward.from_scores(raw, 1 - f_tex, f_tex).total
         if method == "dpo":
             iw, il = total.argmax(dim=1, keepdim=True), total.argmin(dim=1, keepdim=True)
         else:

@@ -24,7 +24,7 @@ from ..data.store import Candidate, CandidateStore
 from ..losses import dpo_loss
 from ..policies.base import condition_captioned, dsm_noise_shape
 from ..policies.tiny import TinyPolicy
-from ..rewards.hybrid import HybridReward
+from ..rewards.build import build_reward
 from .candidates import Pair, build_pairs
 from .accel import Accel
 from .checkpoint import check_resume, has_checkpoint, load_training_state, save_rank_generators, save_training_state
@@ -45,7 +45,7 @@ class OfflineTrainer:
     def __init__(self, policy: TinyPolicy, store: CandidateStore, cfg: DP2OConfig, out: str | Path):
         validate(cfg)
         self.policy, self.store, self.cfg, self.out = policy, store, cfg, Path(out)
-        self.reward = HybridReward.from_names(cfg.fr_metrics, cfg.nr_metrics, nr_share=cfg.nr_weight)
+        self.reward = build_reward(cfg)
         files: dict[int, Candidate] = {}  # every paired candidate's file, from the pair query itself
         self.pairs: list[Pair] = build_pairs(store, self.reward, cfg.n, cfg.method, key=cfg.store_key or None, files=files)
         if not self.pairs:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import check_metric_names, ranged
+from ..rewards.attribute import TEXTURE_RULES
 from ..rewards.hybrid import DEFAULT_FR, DEFAULT_NR, DEFAULT_NR_WEIGHT
 
 
@@ -23,6 +24,10 @@ class DP2OConfig:
       Default: GMSD + gradient-energy ratio | BRISQUE and NIQE-s read against the HR (gap:),
       every term optimal at SR = HR (``rewards.hybrid.DEFAULT_FR/NR``).
     nr_weight: the NR side's share of the hybrid, in [0, 1] (the FR side gets 1 − nr_weight).
+    reward: "hybrid" (DP²O-SR's) or "attribute" (GDPO-SR's attribute-aware reward ranks the
+      candidates: PSNR-Y weighted by the HR's smooth share, ``nr_metrics`` by its textured share
+      under ``texture_rule``; ``fr_metrics`` and ``nr_weight`` unused; the store must be scored
+      with ``psnr`` and hold the HRs).
     store_key: which generation key of the store to train on (a hash prefix, as `train`
     lists them); empty: the store's only key.
 
@@ -41,6 +46,8 @@ class DP2OConfig:
     fr_metrics: list[str] = ranged(default_factory=lambda: list(DEFAULT_FR))
     nr_metrics: list[str] = ranged(default_factory=lambda: list(DEFAULT_NR))
     nr_weight: float = ranged(DEFAULT_NR_WEIGHT, ge=0, le=1)
+    reward: str = ranged("hybrid", choices=("hybrid", "attribute"))
+    texture_rule: str = ranged("sralign", choices=TEXTURE_RULES)
     store_key: str = ""
     beta: float = ranged(5000.0, gt=0)
     lr: float = ranged(1e-4, gt=0)
@@ -61,6 +68,10 @@ class DP2OConfig:
     def cross_check(self) -> str | None:
         if self.t_min > self.t_max:
             return f"t_min ({self.t_min}) must not exceed t_max ({self.t_max})"
+        if self.reward == "attribute":
+            if not self.nr_metrics:
+                return "nr_metrics is empty; the attribute reward's texture side needs at least one NR metric"
+            return check_metric_names("nr_metrics", self.nr_metrics, "NR")
         if not self.fr_metrics and not self.nr_metrics:
             return "fr_metrics and nr_metrics are both empty; the reward needs at least one metric (e.g. fr_metrics=[psnr])"
         return (check_metric_names("fr_metrics", self.fr_metrics, "FR")

@@ -51,9 +51,8 @@ from ..losses import (
 )
 from ..policies.base import condition_captioned, dsm_noise_shape
 from ..policies.tiny import TinyPolicy
-from ..rewards.attribute import AttributeReward
 from ..rewards.base import MetricError
-from ..rewards.hybrid import HybridReward
+from ..rewards.build import build_reward
 from ..data.lrset import LRSet
 from .accel import Accel
 from .checkpoint import check_resume, has_checkpoint, load_training_state, save_rank_generators, save_training_state
@@ -85,13 +84,6 @@ def _f32(out):
         return tuple(o.float() if torch.is_tensor(o) else o for o in out)
     return out.float()
 
-
-def build_reward(cfg: OnlineConfig):
-    if cfg.reward == "attribute":
-        return AttributeReward.from_names(cfg.nr_metrics, rule=cfg.texture_rule)
-    if cfg.reward == "hybrid":
-        return HybridReward.from_names(cfg.fr_metrics, cfg.nr_metrics, nr_share=cfg.nr_weight)
-    raise ValueError(f"reward must be 'attribute' or 'hybrid', got {cfg.reward!r}")
 
 
 class OnlineTrainer:
