@@ -38,11 +38,10 @@ import torch
 
 from sralign.config import ConfigError, load_config, validate
 from sralign.data.store import CandidateStore
-from sralign.demo import DemoConfig
+from sralign.demo import DemoConfig, offline_metric_names
 from sralign.eval.report import delta_rows
 from sralign.eval.run import run_eval
 from sralign.policies import load_policy
-from sralign.rewards.build import build_reward
 from sralign.train.candidates import LRSetConfig, generate, generation_key_id, score_store
 from sralign.train.offline import OfflineTrainer
 from sralign.train.online import OnlineTrainer
@@ -112,7 +111,7 @@ def main() -> None:
     base = load_policy()
     store = CandidateStore(Path(a.store) if a.store else out / "store", create=True)
     generate(store, base, cfg.generate, progress=False)
-    score_store(store, sorted({*build_reward(cfg.dp2o).names, *build_reward(cfg.dpo).names}), progress=False)  # only what is missing
+    score_store(store, offline_metric_names(cfg), progress=False)  # only what is missing
     print(f"candidates: {time.time() - t0:.0f} s", flush=True)
     methods = [m for m in a.methods.split(",") if m and (not asked or m in asked)]
     policies, samplers = {}, {}

@@ -50,9 +50,9 @@ def main() -> None:
     torch.set_num_threads(2)
     data = make_lr_set(lr_set(a.set, a.hr_dir))
     lr, hr, ids = torch.stack([d.lr for d in data]), torch.stack([d.hr for d in data]), [d.lr_id for d in data]
-    pol, ref = load_policy(a.policy), load_policy(a.policy)
-    with ref.reference():
-        base = sample_groups(ref, lr, a.m, sampler="ode", steps=10, seed=1000, ids=ids).float().clamp(0, 1)
+    pol = load_policy(a.policy)
+    with pol.reference():
+        base = sample_groups(pol, lr, a.m, sampler="ode", steps=10, seed=1000, ids=ids).float().clamp(0, 1)
     new = sample_groups(pol, lr, a.m, sampler="ode", steps=10, seed=1000, ids=ids).float().clamp(0, 1)
     tex = texture_map(hr).flatten(1).mean(1)
     rows = []

@@ -12,7 +12,7 @@ import torch
 from ..config import check_metric_names, ranged, validate
 from ..policies import load_policy
 from ..rewards.attribute import TEXTURE_RULES, AttributeReward
-from ..rewards.build import build_reward
+from ..rewards.build import build_reward, check_reward_settings
 from ..rewards.hybrid import DEFAULT_FR, DEFAULT_NR, DEFAULT_NR_WEIGHT, HybridReward
 from ..train.candidates import LRSetConfig, make_lr_set
 from .bestof import PolicySpec, evaluate_policies
@@ -48,14 +48,7 @@ class EvalConfig:
     grid_seeds: int = ranged(3, ge=1)
 
     def cross_check(self) -> str | None:
-        if self.reward == "attribute":
-            if not self.nr_metrics:
-                return "nr_metrics is empty; the attribute reward's texture side needs at least one NR metric"
-            return check_metric_names("nr_metrics", self.nr_metrics, "NR") or check_metric_names("heldout_metrics", self.heldout_metrics)
-        if not self.fr_metrics and not self.nr_metrics:
-            return "fr_metrics and nr_metrics are both empty; the reward needs at least one metric"
-        return (check_metric_names("fr_metrics", self.fr_metrics, "FR") or check_metric_names("nr_metrics", self.nr_metrics, "NR")
-                or check_metric_names("heldout_metrics", self.heldout_metrics))
+        return check_reward_settings(self) or check_metric_names("heldout_metrics", self.heldout_metrics)
 
 
 def build_eval_reward(cfg: EvalConfig) -> HybridReward | AttributeReward:

@@ -18,23 +18,26 @@ def crop_border(x: Tensor, border: int) -> Tensor:
     return x[..., border:-border, border:-border] if border > 0 else x
 
 
-def psnr_y(sr: Tensor, hr: Tensor, border: int = 0, eps: float = 1e-10) -> Tensor:
-    """PSNR (dB) on the Y channel, data range 1. [B]"""
+def _psnr(sr: Tensor, hr: Tensor, border: int, eps: float, to_y: bool) -> Tensor:
+    """PSNR (dB, data range 1) over Y (``to_y``) or all channels, computed in float64. [B]"""
     if sr.shape != hr.shape:
         raise ValueError(f"sr {tuple(sr.shape)} and hr {tuple(hr.shape)} differ in shape")
-    a, b = crop_border(rgb_to_y(sr.double()), border), crop_border(rgb_to_y(hr.double()), border)
-    mse = ((a - b) ** 2).flatten(1).mean(1)
+    a, b = sr.double(), hr.double()
+    if to_y:
+        a, b = rgb_to_y(a), rgb_to_y(b)
+    mse = ((crop_border(a, border) - crop_border(b, border)) ** 2).flatten(1).mean(1)
     return (10 * torch.log10(1.0 / (mse + eps))).to(sr.dtype)
+
+
+def psnr_y(sr: Tensor, hr: Tensor, border: int = 0, eps: float = 1e-10) -> Tensor:
+    """PSNR (dB) on the Y channel, data range 1. [B]"""
+    return _psnr(sr, hr, border, eps, to_y=True)
 
 
 def psnr_rgb(sr: Tensor, hr: Tensor, border: int = 0, eps: float = 1e-10) -> Tensor:
     """PSNR (dB) over the three RGB channels, data range 1. [B] (Y-channel metrics do not see a
     shift of the colour balance that keeps luma; this one does.)"""
-    if sr.shape != hr.shape:
-        raise ValueError(f"sr {tuple(sr.shape)} and hr {tuple(hr.shape)} differ in shape")
-    a, b = crop_border(sr.double(), border), crop_border(hr.double(), border)
-    mse = ((a - b) ** 2).flatten(1).mean(1)
-    return (10 * torch.log10(1.0 / (mse + eps))).to(sr.dtype)
+    return _psnr(sr, hr, border, eps, to_y=False)
 
 
 def sobel_magnitude(gray: Tensor) -> Tensor:

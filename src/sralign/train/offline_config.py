@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import check_metric_names, ranged
+from ..config import ranged
 from ..rewards.attribute import TEXTURE_RULES
+from ..rewards.build import check_reward_settings
 from ..rewards.hybrid import DEFAULT_FR, DEFAULT_NR, DEFAULT_NR_WEIGHT
 
 
@@ -68,11 +69,4 @@ class DP2OConfig:
     def cross_check(self) -> str | None:
         if self.t_min > self.t_max:
             return f"t_min ({self.t_min}) must not exceed t_max ({self.t_max})"
-        if self.reward == "attribute":
-            if not self.nr_metrics:
-                return "nr_metrics is empty; the attribute reward's texture side needs at least one NR metric"
-            return check_metric_names("nr_metrics", self.nr_metrics, "NR")
-        if not self.fr_metrics and not self.nr_metrics:
-            return "fr_metrics and nr_metrics are both empty; the reward needs at least one metric (e.g. fr_metrics=[psnr])"
-        return (check_metric_names("fr_metrics", self.fr_metrics, "FR")
-                or check_metric_names("nr_metrics", self.nr_metrics, "NR"))
+        return check_reward_settings(self)

@@ -85,7 +85,6 @@ def _f32(out):
     return out.float()
 
 
-
 class OnlineTrainer:
     """GDPO-SR, DGPO and Flow-GRPO on any ``TinyPolicy``-like policy (reads an ``OnlineConfig``)."""
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from ..config import check_metric_names, ranged
+from ..config import ranged
 from ..losses.grpo import KL_FORMS
 from ..rewards.attribute import DEFAULT_NR_ATTRIBUTE, TEXTURE_RULES
+from ..rewards.build import check_reward_settings
 from ..policies.base import SAMPLERS
 from ..rewards.hybrid import DEFAULT_FR, DEFAULT_NR, DEFAULT_NR_WEIGHT
 from .candidates import LRSetConfig
@@ -59,14 +60,7 @@ class OnlineConfig:
             return f"method {self.method!r} does not fit {type(self).__name__} (method {own!r}); pass --method {self.method} instead"
         if self.t_min > self.t_max:
             return f"t_min ({self.t_min}) must not exceed t_max ({self.t_max})"
-        if self.reward == "attribute":
-            if not self.nr_metrics:
-                return "nr_metrics is empty; the attribute reward's texture side needs at least one NR metric"
-            return check_metric_names("nr_metrics", self.nr_metrics, "NR")
-        if not self.fr_metrics and not self.nr_metrics:
-            return "fr_metrics and nr_metrics are both empty; the reward needs at least one metric (e.g. fr_metrics=[psnr])"
-        return (check_metric_names("fr_metrics", self.fr_metrics, "FR")
-                or check_metric_names("nr_metrics", self.nr_metrics, "NR"))
+        return check_reward_settings(self)
 
     method: str = ranged("dgpo", choices=("gdpo", "dgpo", "grpo"))
     steps_total: int = ranged(60, ge=1)
