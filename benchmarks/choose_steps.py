@@ -11,9 +11,10 @@ evaluates each stop against the reference on two *selection* sets:
   folder the shipped ``ode_start`` was chosen on; neither reporting set uses them).
 
 The rule, fixed before looking: per method, the largest step count at which, on *both* selection
-sets, the reward's Mean@M and Worst@M rise against the reference and the evaluation raises no
+sets, the demo's reward's Mean@M and Worst@M rise against the reference and the evaluation raises no
 hacking flag (``sralign.eval.hacking``: no-reference gain with a fidelity loss, sharpness or
-smooth-region noise beyond the HR's). The demo's held-out crops and the second set (the
+smooth-region noise beyond the HR's). ``ΔMean(own)`` / ``ΔWorst(own)``: the same change under the
+reward the method trained on (printed, not part of the rule). The demo's held-out crops and the second set (the
 reporting sets) are never loaded here.
 
 The same runs compare reward variants and offline β (``--fr``, ``--nr``, ``--nr-weight``, ``--beta``, ``--set
@@ -129,10 +130,10 @@ def main() -> None:
     for name, lrs in sets.items():
         t1 = time.time()
         res = run_eval(policies, replace(cfg.eval, m=a.m, lr_set=lrs, grid_images=1, grid_seeds=1), out / f"eval_{name}",
-                       samplers=samplers, progress=False)
+                       samplers=samplers, progress=False, trained={p: getattr(cfg, p.split("@")[0]) for p in policies})
         rows[name] = {r["policy"]: r for r in delta_rows(res)}
         print(f"eval on {name}: {time.time() - t1:.0f} s", flush=True)
-    print(f"\n{'stop':>10s} " + " ".join(f"{s + ':' + c:>16s}" for s in sets for c in ("ΔMean", "ΔWorst", "Δpsnr", "Δpsnr_rgb", "Δssim", "noise/HR", "flag")))
+    print(f"\n{'stop':>10s} " + " ".join(f"{s + ':' + c:>16s}" for s in sets for c in ("ΔMean", "ΔWorst", "Δpsnr", "Δpsnr_rgb", "Δssim", "noise/HR", "flag", "ΔMean(own)", "ΔWorst(own)")))
     choice = {}
     for m in methods:
         ok_k = []
@@ -143,7 +144,8 @@ def main() -> None:
                 flag = r["hacking flags"] != "none"
                 ok &= r["ΔMean@M"] > 0 and r["ΔWorst@M"] > 0 and not flag
                 cells += [f"{r['ΔMean@M']:+.4f}", f"{r['ΔWorst@M']:+.4f}", f"{r['Δpsnr']:+.3f}", f"{r.get('Δpsnr_rgb', float('nan')):+.3f}", f"{r['Δssim']:+.4f}",
-                          f"{r['noise/HR']:.3f}", "FLAG" if flag else "-"]
+                          f"{r['noise/HR']:.3f}", "FLAG" if flag else "-",
+                          f"{r['ΔMean@M (trained)']:+.4f}", f"{r['ΔWorst@M (trained)']:+.4f}"]  # under its own training reward
             if ok:
                 ok_k.append(k)
             print(f"{label:>10s} " + " ".join(f"{c:>16s}" for c in cells), flush=True)

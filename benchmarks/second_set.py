@@ -32,7 +32,7 @@ from PIL import Image
 from sralign.data.images import list_images
 from sralign.eval.report import format_deltas, format_table
 from sralign.demo import DemoConfig
-from sralign.eval.run import run_eval
+from sralign.eval.run import run_eval, trained_settings
 from sralign.train.candidates import LRSetConfig
 
 METHODS = {"dp2o": "ode", "dpo": "ode", "gdpo": "onestep", "dgpo": "ode"}
@@ -76,7 +76,9 @@ def main() -> None:
     # the demo's evaluation (its reward, NR share included), on the second set's crops
     cfg = replace(DemoConfig().eval, m=args.m, lr_set=LRSetConfig(split="second", n=args.n, patch=args.patch, seed=7, hr_dir=str(hr_dir)),
                   grid_images=3, grid_seeds=3)
-    res = run_eval(pols, cfg, Path(args.work) / "eval", samplers={k: METHODS[k] for k in pols}, progress=False)
+    # each policy is also judged by the reward it trained on (its run's config.yaml)
+    trained = trained_settings({k: demo / "runs" / k for k in pols}, cfg)
+    res = run_eval(pols, cfg, Path(args.work) / "eval", samplers={k: METHODS[k] for k in pols}, progress=False, trained=trained)
     print(f"{len(list_images(hr_dir))} photographs, {args.n} crops of {args.patch}², M = {args.m}; {time.time() - t0:.0f} s")
     print(format_table(res))
     print()

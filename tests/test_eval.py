@@ -311,3 +311,54 @@ def test_lr_set_overrides_keep_the_held_out_split():
     assert (c.lr_set.split, c.lr_set.seed, c.lr_set.n, c.lr_set.patch) == ("heldout", 123, 3, 32)
     c = load_config(EvalConfig, None, ["lr_set.hr_dir=."])
     assert (c.lr_set.split, c.lr_set.seed, c.lr_set.n) == ("heldout", 123, 8)
+
+
+# ------------------------------------------------------------------ judged by the reward it trained on
+def test_trained_deltas_hand_computed_under_the_attribute_reward():
+    from sralign.eval.bestof import trained_deltas
+    from sralign.rewards.attribute import AttributeReward
+
+    g = torch.Generator().manual_seed(0)
+    hr = torch.stack([torch.full((3, 40, 40), 0.5), torch.rand(3, 40, 40, generator=g)])  # flat, then all texture
+    rw = AttributeReward.from_names(["gap:brisque"])
+    f_smooth, f_tex = rw.areas(hr)
+    assert f_tex.flatten().tolist() == [0.0, 1.0]  # the premise of the hand computation
+    # raw scores of M = 2 samples per row; the flat HR reads PSNR only, the textured one the NR gap only
+    raw = {"ref": {"psnr": torch.tensor([[30.0, 32.0], [20.0, 21.0]]), "gap:brisque": torch.tensor([[-5.0, -1.0], [-8.0, -6.0]])},
+           "a": {"psnr": torch.tensor([[34.0, 31.0], [19.0, 22.0]]), "gap:brisque": torch.tensor([[-2.0, -9.0], [-4.0, -10.0]])}}
+    d = trained_deltas(rw, raw, {}, hr, ["ref", "a"], 2, "a", "ref")
+    # image 0 (smooth): minmax psnr over [30, 32, 34, 31] -> ref [0, .5], a [1, .25]
+    # image 1 (texture): minmax gap over [-8, -6, -4, -10] -> ref [1/3, 2/3], a [1, 0]
+    ref_mean, a_mean = (0.25 + 0.5) / 2, (0.625 + 0.5) / 2
+    ref_worst, a_worst = (0.0 + 1 / 3) / 2, (0.25 + 0.0) / 2
+    assert abs(d["ΔMean@M"] - (a_mean - ref_mean)) < 1e-6 and abs(d["ΔWorst@M"] - (a_worst - ref_worst)) < 1e-6
+    assert d["reward"] == "attribute (psnr | gap:brisque)"
+
+
+def test_eval_reports_each_policy_under_its_own_training_reward(tmp_path, policy_dir):
+    from dataclasses import replace
+
+    from sralign.eval.report import delta_rows
+
+    p = load_policy(str(policy_dir))
+    p.freeze_reference()
+    with torch.no_grad():
+        for q in p.trainable_parameters():
+            q.add_(0.03 * torch.randn_like(q))
+    cfg = _small_cfg()
+    # trained on the reward that ranks the table: the trained columns equal the common ones
+    res = run_eval({"aligned": p}, cfg, tmp_path / "same", progress=False, trained={"aligned": cfg})
+    row = delta_rows(res)[0]
+    assert row["trained reward"].startswith("hybrid, NR 0.5 (ms_ssim")
+    assert row["ΔMean@M (trained)"] == row["ΔMean@M"] and row["ΔWorst@M (trained)"] == row["ΔWorst@M"]
+    # trained on the attribute reward: judged by it too, in eval.json and the report
+    res = run_eval({"aligned": p}, cfg, tmp_path / "attr", progress=False, trained={"aligned": replace(cfg, reward="attribute")})
+    row = delta_rows(res)[0]
+    assert row["trained reward"] == "attribute (psnr | gap:brisque, gap:niqe_s)" and row["ΔMean@M (trained)"] != row["ΔMean@M"]
+    ev = json.loads((tmp_path / "attr" / "eval.json").read_text())
+    assert ev["vs_reference"][0]["ΔMean@M (trained)"] == row["ΔMean@M (trained)"]
+    md = (tmp_path / "attr" / "report.md").read_text()
+    assert "ΔWorst@M (trained)" in md and "attribute (psnr | gap:brisque, gap:niqe_s)" in md
+    # without a trained reward the columns are absent
+    res = run_eval({"aligned": p}, cfg, tmp_path / "none", progress=False)
+    assert "trained reward" not in delta_rows(res)[0]

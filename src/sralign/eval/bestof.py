@@ -79,9 +79,38 @@ class EvalResult:
     flags: dict[str, list[str]] = field(default_factory=dict)  # aligned row -> reasons (empty: none)
     thresholds: dict[str, float] = field(default_factory=dict)
     reward_kind: str = "hybrid"  # "hybrid" (DP²O-SR) or "attribute" (GDPO-SR)
+    # aligned row -> {"reward": the reward it trained on, in words; "ΔMean@M", "ΔWorst@M": its change
+    # against its reference under that reward, pooled and normalised like the common reward}
+    trained: dict[str, dict] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def reward_name(reward: HybridReward | AttributeReward) -> str:
+    """A reward in a few words, e.g. "attribute (psnr | gap:brisque, gap:niqe_s)" or
+    "hybrid, NR ¼ (ms_ssim, gmsd | gap:brisque)"."""
+    if isinstance(reward, AttributeReward):
+        return f"attribute (psnr | {', '.join(x.name for x in reward.nr)})"
+    share = reward.nr_weight / (reward.fr_weight + reward.nr_weight) if reward.fr_weight + reward.nr_weight else 0.0
+    return f"hybrid, NR {share:g} ({', '.join(x.name for x in reward.fr)} | {', '.join(x.name for x in reward.nr)})"
+
+
+def trained_deltas(reward: HybridReward | AttributeReward, raw: dict[str, dict[str, Tensor]], samples: dict[str, Tensor],
+                   hr: Tensor, names: list[str], m: int, row: str, baseline: str) -> dict:
+    """``row``'s ΔMean@M and ΔWorst@M against ``baseline`` under ``reward``, normalised per LR over
+    every row's samples pooled (as the common reward is). ``raw``: {row: {metric: [n,M]}}, extended
+    in place with the scores ``reward`` needs and the table lacks; samples {row: [n,M,3,H,W]}."""
+    need = [x for x in reward.metrics if x.name not in raw[names[0]]]
+    if need:
+        for k in names:
+            raw[k].update(score_group(need, samples[k], hr))
+    pooled = {mn: torch.cat([raw[k][mn] for k in names], dim=1) for mn in reward.names}
+    total = reward.ranks(pooled, hr).total
+    cur = best_mean_worst(total[:, names.index(row) * m : (names.index(row) + 1) * m])
+    base = best_mean_worst(total[:, names.index(baseline) * m : (names.index(baseline) + 1) * m])
+    return {"reward": reward_name(reward), "ΔMean@M": cur["mean"][-1] - base["mean"][-1],
+            "ΔWorst@M": cur["worst"][-1] - base["worst"][-1]}
 
 
 @dataclass
@@ -106,6 +135,7 @@ def evaluate_policies(
     progress: bool = False,
     prompts: list[str | None] | None = None,
     thresholds: HackingThresholds | None = None,
+    trained: dict[str, HybridReward | AttributeReward] | None = None,
 ) -> tuple[EvalResult, dict[str, Tensor]]:
     """Sample M seeds per held-out LR for every spec; reward curves and per-metric statistics.
 
@@ -114,6 +144,9 @@ def evaluate_policies(
     Beside the policies: the HR's own no-reference scores, bicubic upsampling's scores, each
     row's sharpness and smooth-region noise relative to the HR, and the hacking flags of every
     row that has a baseline (``eval.hacking``).
+    ``trained``: {aligned label: the reward it trained on}; each such row's ΔMean@M and ΔWorst@M
+    against its baseline under that reward too (``EvalResult.trained``), so a policy trained on
+    another reward than the one that ranks the table is also judged by its own.
     Returns the result and the samples ({label: [n,M,3,H,W]}).
     """
     samples = {}
@@ -139,6 +172,10 @@ def evaluate_policies(
         if sp.baseline is not None:
             b = per[sp.baseline]
             res.win_rate[k] = float((per[k] > b).float().mean() + 0.5 * (per[k] == b).float().mean())
+    for k, tr in (trained or {}).items():
+        if k not in specs or specs[k].baseline is None:
+            raise ValueError(f"trained reward for {k!r}: no aligned row of that name with a reference")
+        res.trained[k] = trained_deltas(tr, raw, samples, hr, names, m, k, specs[k].baseline)
     for metric in [*reward.metrics, *extra]:
         res.metrics[metric.name] = {}
         for k in names:

@@ -107,6 +107,11 @@ def delta_rows(result) -> list[dict]:
             if f in result.metrics:
                 row[f"Δ{f}"] = result.metrics[f][name]["mean"] - result.metrics[f][ref]["mean"]
         row.update({k: result.stats[name][k] for k in STAT_COLS})
+        if getattr(result, "trained", None):  # judged by its own training reward too
+            own = result.trained.get(name, {})
+            row["trained reward"] = own.get("reward", "—")
+            row["ΔMean@M (trained)"] = own.get("ΔMean@M")
+            row["ΔWorst@M (trained)"] = own.get("ΔWorst@M")
         row["hacking flags"] = "; ".join(reasons) if reasons else "none"
         rows.append(row)
     return rows
@@ -132,6 +137,8 @@ def format_deltas(result) -> str:
     cols = list(rows[0])
 
     def fmt(v):
+        if v is None:
+            return "—"
         return f"{v:+.4f}" if isinstance(v, float) and not isinstance(v, bool) else str(v)
 
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -152,7 +159,10 @@ def legend(result) -> str:
             f"no-reference metric improves by more than {th['nr_gain']:.0%} while held-out PSNR (Y or RGB) falls by more than "
             f"{th['psnr_drop_db']} dB or SSIM by more than {th['ssim_drop']}, or when sharp/HR exceeds {th['sharp_max']} "
             f"or noise/HR exceeds {th['noise_max']} (and its reference's). Spread claim (DP²O-SR): yes when, against "
-            f"the reference, Worst@M rises by more than Mean@M (ΔWorst@M > 0 and ΔWorst−ΔMean > 0) and std/img falls.")
+            f"the reference, Worst@M rises by more than Mean@M (ΔWorst@M > 0 and ΔWorst−ΔMean > 0) and std/img falls."
+            + (" ΔMean@M / ΔWorst@M (trained): the same change under the reward that policy trained on (column "
+               "trained reward; min-max normalised per LR over every row's samples, as the table's reward is)."
+               if getattr(result, "trained", None) else ""))
 
 
 def _html_table(table_md: str, title: str) -> str:

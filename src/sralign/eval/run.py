@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -12,7 +12,7 @@ import torch
 from ..config import check_metric_names, ranged, validate
 from ..policies import load_policy
 from ..rewards.attribute import TEXTURE_RULES, AttributeReward
-from ..rewards.build import build_reward, check_reward_settings
+from ..rewards.build import RewardSettings, build_reward, check_reward_settings
 from ..rewards.hybrid import DEFAULT_FR, DEFAULT_NR, DEFAULT_NR_WEIGHT, HybridReward
 from ..train.candidates import LRSetConfig, make_lr_set
 from .bestof import PolicySpec, evaluate_policies
@@ -78,6 +78,12 @@ def run_reward(run_dir: str | Path) -> dict:
     return out
 
 
+def trained_settings(run_dirs: dict[str, str | Path], cfg: EvalConfig) -> dict[str, RewardSettings]:
+    """{label: the reward settings run_dirs[label] trained with} (its config.yaml's
+    ``REWARD_KEYS`` over ``cfg``'s); runs without a config.yaml are left out."""
+    return {label: replace(cfg, **s) for label, d in run_dirs.items() if (s := run_reward(d))}
+
+
 def run_sampler(run_dir: str | Path) -> str:
     """The sampler a training run aligned (its ``config.yaml``; ``ode`` for offline runs)."""
     p = Path(run_dir) / "config.yaml"
@@ -105,11 +111,14 @@ def run_eval(
     run_dirs: dict[str, Path] | None = None,
     meta: dict | None = None,
     progress: bool = True,
+    trained: dict[str, RewardSettings] | None = None,
 ):
     """Evaluate aligned ``policies`` (label -> folder or policy object) and their references.
 
     Every policy is compared with its own frozen reference under the same sampler; all rows are
-    ranked with one pooled reward. Writes eval.json, bestof.png, grid_<policy>.png, training.png,
+    ranked with one pooled reward; a policy is also judged by the reward it trained on
+    (``trained``: {label: its training config}; default: read from ``run_dirs``' config.yaml), the
+    ``ΔMean@M (trained)`` / ``ΔWorst@M (trained)`` columns. Writes eval.json, bestof.png, grid_<policy>.png, training.png,
     report.html and report.md into ``out``.
     """
     validate(cfg)
@@ -128,8 +137,9 @@ def run_eval(
         if ref_label not in specs:
             specs[ref_label] = PolicySpec(policy, use_reference=True, sampler=sampler, steps=steps)
         specs[label] = PolicySpec(policy, sampler=sampler, steps=steps, baseline=ref_label)
+    own = {k: build_reward(c) for k, c in (trained if trained is not None else trained_settings(run_dirs or {}, cfg)).items()}
     result, samples = evaluate_policies(specs, hr, lr, reward, cfg.heldout_metrics, m=cfg.m, seed=cfg.seed, progress=progress,
-                                        prompts=prompts, thresholds=cfg.hacking)
+                                        prompts=prompts, thresholds=cfg.hacking, trained=own)
     # the result, plus the report's two tables as rows (the summary with its HR and bicubic rows,
     # and each aligned policy against its reference)
     (out / "eval.json").write_text(json.dumps({**result.to_dict(), "table": summary_rows(result), "vs_reference": delta_rows(result)}, indent=1))
