@@ -10,11 +10,13 @@ evaluates each stop against the reference on two *selection* sets:
 * ``select``: crops of the selection photographs (``--select-dir``, e.g. /tmp/photos/stage2/val, the
   folder the shipped ``ode_start`` was chosen on; neither reporting set uses them).
 
-The rule, fixed before looking: per method, the largest step count at which, on *both* selection
-sets, the demo's reward's Mean@M and Worst@M rise against the reference and the evaluation raises no
-hacking flag (``sralign.eval.hacking``: no-reference gain with a fidelity loss, sharpness or
-smooth-region noise beyond the HR's). ``ΔMean(own)`` / ``ΔWorst(own)``: the same change under the
-reward the method trained on (printed, not part of the rule). The demo's held-out crops and the second set (the
+The rule, fixed before looking (issue 16's targets): per method, the largest step count at which,
+on *both* selection sets and against the reference, the demo's reward's Mean@M and Worst@M rise,
+so do those of the reward the method trained on (``ΔMean(own)`` / ``ΔWorst(own)``), PSNR-Y falls
+by no more than 0.1 dB and SSIM by no more than 0.005, and the evaluation raises no hacking flag
+(``sralign.eval.hacking``: no-reference gain with a fidelity loss, sharpness or smooth-region
+noise beyond the HR's). Before 2026-11-25 the rule was the first and last conditions only.
+``--eval-only`` re-evaluates the stops an earlier run saved. The demo's held-out crops and the second set (the
 reporting sets) are never loaded here.
 
 The same runs compare reward variants and offline β (``--fr``, ``--nr``, ``--nr-weight``, ``--beta``, ``--set
@@ -70,6 +72,15 @@ def train_stops(method: str, cfg: DemoConfig, store: CandidateStore, base, out: 
     return stops
 
 
+def passes(r: dict, th) -> bool:
+    """One stop on one set, by the issue's targets: the demo's reward and the method's own training
+    reward rise in Mean@M and Worst@M, and PSNR-Y / SSIM fall by no more than the hacking
+    thresholds (0.1 dB, 0.005). The hacking flag is checked beside it."""
+    own = [r.get("ΔMean@M (trained)", r["ΔMean@M"]), r.get("ΔWorst@M (trained)", r["ΔWorst@M"])]
+    return (r["ΔMean@M"] > 0 and r["ΔWorst@M"] > 0 and min(own) > 0
+            and r["Δpsnr"] >= -th.psnr_drop_db and r["Δssim"] >= -th.ssim_drop)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="work folder (candidates, runs, stops, evaluations)")
@@ -85,6 +96,7 @@ def main() -> None:
     ap.add_argument("--beta", type=float, default=0.0, help="offline methods' β (default: the demo's)")
     ap.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE", help="another training setting, e.g. dp2o.t_max=0.5")
     ap.add_argument("--store", default="", help="an existing candidate folder of this version (default: OUT/store)")
+    ap.add_argument("--eval-only", action="store_true", help="evaluate the stops an earlier run left in OUT/stops (no training)")
     a = ap.parse_args()
     asked = {m: tuple(int(k) for k in ks.split(",")) for m, ks in (p.split(":") for p in filter(None, a.grid.split(";")))}
     grid = {**GRID, **asked}
@@ -118,7 +130,12 @@ def main() -> None:
     policies, samplers = {}, {}
     for m in methods:
         t1 = time.time()
-        for k, p in train_stops(m, cfg, store, base, out, grid[m]).items():
+        if a.eval_only:
+            missing = [f"{m}@{k}" for k in grid[m] if not (out / "stops" / f"{m}@{k}" / "config.json").is_file()]
+            if missing:
+                raise SystemExit(f"--eval-only: {out / 'stops'} lacks {', '.join(missing)}; run once without --eval-only")
+        stops = {k: out / "stops" / f"{m}@{k}" for k in grid[m]} if a.eval_only else train_stops(m, cfg, store, base, out, grid[m])
+        for k, p in stops.items():
             policies[f"{m}@{k}"] = p
             samplers[f"{m}@{k}"] = cfg.generate.sampler if m in ("dp2o", "dpo") else getattr(cfg, m).sampler
         print(f"train {m} {grid[m]}: {time.time() - t1:.0f} s", flush=True)
@@ -134,7 +151,7 @@ def main() -> None:
         rows[name] = {r["policy"]: r for r in delta_rows(res)}
         print(f"eval on {name}: {time.time() - t1:.0f} s", flush=True)
     print(f"\n{'stop':>10s} " + " ".join(f"{s + ':' + c:>16s}" for s in sets for c in ("ΔMean", "ΔWorst", "Δpsnr", "Δpsnr_rgb", "Δssim", "noise/HR", "flag", "ΔMean(own)", "ΔWorst(own)")))
-    choice = {}
+    choice, th = {}, cfg.eval.hacking
     for m in methods:
         ok_k = []
         for k in grid[m]:
@@ -142,7 +159,7 @@ def main() -> None:
             for s in sets:
                 r = rows[s][label]
                 flag = r["hacking flags"] != "none"
-                ok &= r["ΔMean@M"] > 0 and r["ΔWorst@M"] > 0 and not flag
+                ok &= passes(r, th) and not flag
                 cells += [f"{r['ΔMean@M']:+.4f}", f"{r['ΔWorst@M']:+.4f}", f"{r['Δpsnr']:+.3f}", f"{r.get('Δpsnr_rgb', float('nan')):+.3f}", f"{r['Δssim']:+.4f}",
                           f"{r['noise/HR']:.3f}", "FLAG" if flag else "-",
                           f"{r['ΔMean@M (trained)']:+.4f}", f"{r['ΔWorst@M (trained)']:+.4f}"]  # under its own training reward
@@ -150,7 +167,7 @@ def main() -> None:
                 ok_k.append(k)
             print(f"{label:>10s} " + " ".join(f"{c:>16s}" for c in cells), flush=True)
         choice[m] = max(ok_k) if ok_k else None
-    print("\nrule (most steps with reward up and no flag on both selection sets):",
+    print("\nrule (most steps with both rewards up, fidelity kept and no flag on both selection sets):",
           ", ".join(f"{m} {choice[m] if choice[m] is not None else 'none'}" for m in methods))
     (out / "choice.json").write_text(json.dumps({"choice": choice, "rows": rows}, indent=1, default=str))
     print(f"total {time.time() - t0:.0f} s")
