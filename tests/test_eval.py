@@ -31,12 +31,18 @@ def _report_numbers(out: Path) -> list[str]:
     return re.findall(r"-?\d+\.\d{4}", md.split("## ")[0])
 
 
-def test_report_files_exist_and_numbers_follow_the_policy(tmp_path, policy_dir):
+def _aligned(policy_dir, scale: float):
+    """The policy with its reference frozen and its trainable weights moved by scale·N(0, 1)."""
     p = load_policy(str(policy_dir))
     p.freeze_reference()
     with torch.no_grad():
         for q in p.trainable_parameters():
-            q.add_(0.02 * torch.randn_like(q))
+            q.add_(scale * torch.randn_like(q))
+    return p
+
+
+def test_report_files_exist_and_numbers_follow_the_policy(tmp_path, policy_dir):
+    p = _aligned(policy_dir, 0.02)
     run_eval({"aligned": p}, _small_cfg(), tmp_path / "a", progress=False)
     html = (tmp_path / "a" / "report.html").read_text()
     refs = re.findall(r'(?:src|href)="([^"]+)"', html)
@@ -340,11 +346,7 @@ def test_eval_reports_each_policy_under_its_own_training_reward(tmp_path, policy
 
     from sralign.eval.report import delta_rows
 
-    p = load_policy(str(policy_dir))
-    p.freeze_reference()
-    with torch.no_grad():
-        for q in p.trainable_parameters():
-            q.add_(0.03 * torch.randn_like(q))
+    p = _aligned(policy_dir, 0.03)
     cfg = _small_cfg()
     # trained on the reward that ranks the table: the trained columns equal the common ones
     res = run_eval({"aligned": p}, cfg, tmp_path / "same", progress=False, trained={"aligned": cfg})
