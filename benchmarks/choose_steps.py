@@ -76,8 +76,7 @@ def passes(r: dict, th) -> bool:
     """One stop on one set, by the issue's targets: the demo's reward and the method's own training
     reward rise in Mean@M and Worst@M, and PSNR-Y / SSIM fall by no more than the hacking
     thresholds (0.1 dB, 0.005). The hacking flag is checked beside it."""
-    own = [r.get("ΔMean@M (trained)", r["ΔMean@M"]), r.get("ΔWorst@M (trained)", r["ΔWorst@M"])]
-    return (r["ΔMean@M"] > 0 and r["ΔWorst@M"] > 0 and min(own) > 0
+    return (r["ΔMean@M"] > 0 and r["ΔWorst@M"] > 0 and r["ΔMean@M (trained)"] > 0 and r["ΔWorst@M (trained)"] > 0
             and r["Δpsnr"] >= -th.psnr_drop_db and r["Δssim"] >= -th.ssim_drop)
 
 

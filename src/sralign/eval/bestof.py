@@ -96,6 +96,19 @@ def reward_name(reward: HybridReward | AttributeReward) -> str:
     return f"hybrid, NR {share:g} ({', '.join(x.name for x in reward.fr)} | {', '.join(x.name for x in reward.nr)})"
 
 
+def pooled_total(reward: HybridReward | AttributeReward, raw: dict[str, dict[str, Tensor]], names: list[str], hr: Tensor) -> Tensor:
+    """``reward`` [n, M·len(names)] over every row's samples pooled (normalised per LR across all
+    rows, so rows share one scale); raw {row: {metric: [n,M]}} holds the reward's metrics."""
+    return reward.ranks({mn: torch.cat([raw[k][mn] for k in names], dim=1) for mn in reward.names}, hr).total
+
+
+def row_block(total: Tensor, names: list[str], m: int, row: str) -> Tensor:
+    """Row ``row``'s [n,M] block of a reward over every row's samples pooled (``total`` [n, M·len(names)],
+    rows in ``names`` order)."""
+    i = names.index(row)
+    return total[:, i * m : (i + 1) * m]
+
+
 def trained_deltas(reward: HybridReward | AttributeReward, raw: dict[str, dict[str, Tensor]], samples: dict[str, Tensor],
                    hr: Tensor, names: list[str], m: int, row: str, baseline: str) -> dict:
     """``row``'s ΔMean@M and ΔWorst@M against ``baseline`` under ``reward``, normalised per LR over
@@ -105,10 +118,8 @@ def trained_deltas(reward: HybridReward | AttributeReward, raw: dict[str, dict[s
     if need:
         for k in names:
             raw[k].update(score_group(need, samples[k], hr))
-    pooled = {mn: torch.cat([raw[k][mn] for k in names], dim=1) for mn in reward.names}
-    total = reward.ranks(pooled, hr).total
-    cur = best_mean_worst(total[:, names.index(row) * m : (names.index(row) + 1) * m])
-    base = best_mean_worst(total[:, names.index(baseline) * m : (names.index(baseline) + 1) * m])
+    total = pooled_total(reward, raw, names, hr)
+    cur, base = (best_mean_worst(row_block(total, names, m, k)) for k in (row, baseline))
     return {"reward": reward_name(reward), "ΔMean@M": cur["mean"][-1] - base["mean"][-1],
             "ΔWorst@M": cur["worst"][-1] - base["worst"][-1]}
 
@@ -158,13 +169,12 @@ def evaluate_policies(
     names = list(samples)
     extra = [get_metric(n) for n in heldout_metrics if n not in reward.names]
     raw = {k: score_group([*reward.metrics, *extra], v, hr) for k, v in samples.items()}
-    pooled = {mn: torch.cat([raw[k][mn] for k in names], dim=1) for mn in reward.names}
-    total = reward.ranks(pooled, hr).total
+    total = pooled_total(reward, raw, names, hr)
     res = EvalResult(m=m, reward_names=reward.names, heldout_metrics=[x.name for x in extra],
                      reward_kind="attribute" if isinstance(reward, AttributeReward) else "hybrid")
     per = {}
-    for i, k in enumerate(names):
-        r = total[:, i * m : (i + 1) * m]
+    for k in names:
+        r = row_block(total, names, m, k)
         per[k] = r
         res.reward[k] = best_mean_worst(r)
         res.reward_std[k] = seed_std(r)

@@ -11,9 +11,9 @@ import torch
 
 from ..config import check_metric_names, ranged, validate
 from ..policies import load_policy
-from ..rewards.attribute import TEXTURE_RULES, AttributeReward
+from ..rewards.attribute import TEXTURE_RULES
 from ..rewards.build import RewardSettings, build_reward, check_reward_settings
-from ..rewards.hybrid import DEFAULT_FR, DEFAULT_NR, DEFAULT_NR_WEIGHT, HybridReward
+from ..rewards.hybrid import DEFAULT_FR, DEFAULT_NR, DEFAULT_NR_WEIGHT
 from ..train.candidates import LRSetConfig, make_lr_set
 from .bestof import PolicySpec, evaluate_policies
 from .grid import save_grid
@@ -49,11 +49,6 @@ class EvalConfig:
 
     def cross_check(self) -> str | None:
         return check_reward_settings(self) or check_metric_names("heldout_metrics", self.heldout_metrics)
-
-
-def build_eval_reward(cfg: EvalConfig) -> HybridReward | AttributeReward:
-    """The reward that ranks every row (``cfg.reward``; the attribute reward ignores fr_metrics)."""
-    return build_reward(cfg)
 
 
 #: the reward settings ``sralign eval RUN`` takes from the run's config.yaml
@@ -126,7 +121,7 @@ def run_eval(
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     samplers = samplers or {}
-    reward = build_eval_reward(cfg)
+    reward = build_reward(cfg)  # ranks every row (the attribute reward ignores fr_metrics)
     ids, lr, hr, prompts = heldout_set(cfg)
     specs: dict[str, PolicySpec] = {}
     for label, pol in policies.items():
