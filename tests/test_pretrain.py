@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 import pytest
@@ -12,7 +11,7 @@ from sralign.config import ConfigError
 from sralign.data.images import ImageError
 from sralign.data.degradation import RealESRGANConfig, RealESRGANDegradation, SimpleDegradationConfig, simple_degradation
 from sralign.policies.tiny import TinyPolicy, shipped_checkpoint_dir
-from sralign.train.pretrain import PretrainConfig, degrade_mixed, pretrain
+from sralign.train.pretrain import PretrainConfig, degrade_mixed, ema_decay_at, pretrain
 
 
 def _hr(b=4, size=32):
@@ -59,6 +58,37 @@ def test_pretrain_fine_tunes_from_init_on_extra_photographs(tmp_path):
     rec = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
     for key in ("psnr_ode", "ssim_onestep", "psnr_bicubic_realesrgan", "ssim_ode_realesrgan"):
         assert key in rec and rec[key] == rec[key]  # measured, not NaN
+
+
+def test_ema_decay_warms_up_like_diffusers_ema_model():
+    """min(decay, (1 + k) / (10 + k)) at update k (diffusers' EMAModel default), by hand."""
+    cfg = PretrainConfig(ema_decay=0.999)
+    assert ema_decay_at(0, cfg) == pytest.approx(0.1)
+    assert ema_decay_at(8, cfg) == pytest.approx(0.5)
+    assert ema_decay_at(890, cfg) == pytest.approx(0.99)
+    assert ema_decay_at(100_000, cfg) == 0.999  # capped at ema_decay
+    assert ema_decay_at(0, PretrainConfig(ema_decay=0.999, ema_warmup=False)) == 0.999
+
+
+def test_the_ema_of_a_fine_tuning_run_forgets_its_init(tmp_path):
+    """One step from the shipped checkpoint: the saved model is 0.1·init + 0.9·θ₁ with the
+    warm-up (decay 0.1 at update 0) and 0.999·init + 0.001·θ₁ without; θ₁ = the raw weights the
+    run's checkpoint holds."""
+    from safetensors.torch import load_file
+
+    photos = _photos(tmp_path / "hr", [(130, 130)])
+    init = TinyPolicy.from_pretrained(None).model.state_dict()
+    for warm, keep in ((True, 0.1), (False, 0.999)):
+        cfg = PretrainConfig(steps=1, batch_size=2, patch=32, hr_dir=str(photos), val_dir=str(photos), init=str(shipped_checkpoint_dir()),
+                             lr=1e-2, lr_min=1e-2, warmup=0, ema_decay=0.999, ema_warmup=warm)
+        run = tmp_path / f"run{warm}"
+        out = pretrain(cfg, run, progress=False).model.state_dict()
+        raw = {k[len("model."):]: v for k, v in load_file(run / "checkpoint" / "state.safetensors").items() if k.startswith("model.")}
+        moved = 0
+        for k, v in out.items():
+            assert torch.allclose(v, keep * init[k] + (1 - keep) * raw[k], atol=1e-6), k
+            moved += int(not torch.equal(raw[k], init[k]))
+        assert moved > 10  # the step changed the weights, so the two cases differ
 
 
 def test_pretrain_refuses_bad_folders_before_work(tmp_path):
