@@ -17,6 +17,8 @@ import argparse
 
 import torch
 
+from sralign.config import validate
+from sralign.data.degradation import SimpleDegradationConfig, quantize_8bit, simple_degradation
 from sralign.eval.policy_check import check_policy
 from sralign.policies import load_policy
 from sralign.train.candidates import LRSetConfig, make_lr_set
@@ -33,13 +35,23 @@ def main() -> None:
     ap.add_argument("--degradation", default="simple", choices=("simple", "realesrgan"))
     ap.add_argument("--starts", default="0.2,0.3,0.4,0.5,0.6,0.7,1.0")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--noise-sigma", default="", metavar="LO,HI",
+                    help="simple degradation only: LR noise σ range on the 0–255 scale (default: the demo's 0,5); 0,0 = noise-free LR")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     items = make_lr_set(LRSetConfig(split="select", n=a.n, patch=a.patch, seed=11, hr_dir=a.hr_dir, degradation=a.degradation)
                         if a.hr_dir else LRSetConfig(split="train", n=a.n, patch=a.patch, seed=11, degradation=a.degradation))
     lr, hr = torch.stack([it.lr for it in items]), torch.stack([it.hr for it in items])
+    if a.noise_sigma:
+        if a.degradation != "simple":
+            raise SystemExit("--noise-sigma applies to --degradation simple only")
+        lo, hi = (float(v) for v in a.noise_sigma.split(","))
+        deg = SimpleDegradationConfig(noise_sigma=(lo, hi))
+        validate(deg)
+        lr = quantize_8bit(simple_degradation(hr, hr.shape[-1] // lr.shape[-1], torch.Generator().manual_seed(11), deg))
     policy = load_policy(a.policy)
-    print(f"selection set: {a.hr_dir or 'bundled training split'}, {a.n} crops of {a.patch}², {a.degradation} degradation, M = {a.m}")
+    print(f"selection set: {a.hr_dir or 'bundled training split'}, {a.n} crops of {a.patch}², {a.degradation} degradation"
+          f"{f' (noise σ {a.noise_sigma})' if a.noise_sigma else ''}, M = {a.m}")
     print(f"{'sampler':>16s} {'PSNR':>7s} {'SSIM':>7s} {'sharp/HR':>9s} {'noise/HR':>9s}")
     rows = []
     for k, s in enumerate(float(v) for v in a.starts.split(",")):
