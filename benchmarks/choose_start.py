@@ -17,7 +17,7 @@ import argparse
 
 import torch
 
-from sralign.config import validate
+from sralign.config import ConfigError, validate
 from sralign.data.degradation import SimpleDegradationConfig, quantize_8bit, simple_degradation
 from sralign.eval.policy_check import check_policy
 from sralign.policies import load_policy
@@ -38,17 +38,20 @@ def main() -> None:
     ap.add_argument("--noise-sigma", default="", metavar="LO,HI",
                     help="simple degradation only: LR noise σ range on the 0–255 scale (default: the demo's 0,5); 0,0 = noise-free LR")
     a = ap.parse_args()
+    noise = None
+    if a.noise_sigma:  # checked before any work
+        if a.degradation != "simple":
+            raise SystemExit("--noise-sigma applies to --degradation simple only")
+        try:
+            noise = validate(SimpleDegradationConfig(noise_sigma=tuple(float(v) for v in a.noise_sigma.split(","))))
+        except (ValueError, ConfigError) as e:
+            raise SystemExit(f"--noise-sigma {a.noise_sigma!r}: give LO,HI on the 0–255 scale, e.g. 0,0 ({e})") from None
     torch.set_num_threads(a.threads)
     items = make_lr_set(LRSetConfig(split="select", n=a.n, patch=a.patch, seed=11, hr_dir=a.hr_dir, degradation=a.degradation)
                         if a.hr_dir else LRSetConfig(split="train", n=a.n, patch=a.patch, seed=11, degradation=a.degradation))
     lr, hr = torch.stack([it.lr for it in items]), torch.stack([it.hr for it in items])
-    if a.noise_sigma:
-        if a.degradation != "simple":
-            raise SystemExit("--noise-sigma applies to --degradation simple only")
-        lo, hi = (float(v) for v in a.noise_sigma.split(","))
-        deg = SimpleDegradationConfig(noise_sigma=(lo, hi))
-        validate(deg)
-        lr = quantize_8bit(simple_degradation(hr, hr.shape[-1] // lr.shape[-1], torch.Generator().manual_seed(11), deg))
+    if noise is not None:  # the same HR crops, degraded again at that noise level
+        lr = quantize_8bit(simple_degradation(hr, hr.shape[-1] // lr.shape[-1], torch.Generator().manual_seed(11), noise))
     policy = load_policy(a.policy)
     print(f"selection set: {a.hr_dir or 'bundled training split'}, {a.n} crops of {a.patch}², {a.degradation} degradation"
           f"{f' (noise σ {a.noise_sigma})' if a.noise_sigma else ''}, M = {a.m}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import torch
 import pytest
 from PIL import Image
