@@ -332,13 +332,44 @@ def test_trained_deltas_hand_computed_under_the_attribute_reward():
     # raw scores of M = 2 samples per row; the flat HR reads PSNR only, the textured one the NR gap only
     raw = {"ref": {"psnr": torch.tensor([[30.0, 32.0], [20.0, 21.0]]), "gap:brisque": torch.tensor([[-5.0, -1.0], [-8.0, -6.0]])},
            "a": {"psnr": torch.tensor([[34.0, 31.0], [19.0, 22.0]]), "gap:brisque": torch.tensor([[-2.0, -9.0], [-4.0, -10.0]])}}
-    d = trained_deltas(rw, raw, {}, hr, ["ref", "a"], 2, "a", "ref")
+    d = trained_deltas(rw, raw, {}, hr, 2, "a", "ref")
     # image 0 (smooth): minmax psnr over [30, 32, 34, 31] -> ref [0, .5], a [1, .25]
     # image 1 (texture): minmax gap over [-8, -6, -4, -10] -> ref [1/3, 2/3], a [1, 0]
     ref_mean, a_mean = (0.25 + 0.5) / 2, (0.625 + 0.5) / 2
     ref_worst, a_worst = (0.0 + 1 / 3) / 2, (0.25 + 0.0) / 2
     assert abs(d["ΔMean@M"] - (a_mean - ref_mean)) < 1e-6 and abs(d["ΔWorst@M"] - (a_worst - ref_worst)) < 1e-6
     assert d["reward"] == "attribute (psnr | gap:brisque)"
+
+
+def test_paired_deltas_do_not_depend_on_the_other_rows():
+    """A change against the reference is normalised over the two rows only: a third row that widens
+    one term's range (here PSNR) rescales that term in a pooled normalisation and flips the sign of
+    the pooled ΔMean@M, but leaves the paired change as computed by hand."""
+    from sralign.eval.bestof import best_mean_worst, paired_deltas, pooled_total, row_block
+    from sralign.rewards.hybrid import HybridReward
+
+    hr = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    rw = HybridReward.from_names(["psnr"], ["gap:brisque"], nr_weight=0.5)
+    raw = {"ref": {"psnr": torch.tensor([[30.0, 31.0]]), "gap:brisque": torch.tensor([[-6.0, -4.0]])},
+           "a": {"psnr": torch.tensor([[29.0, 30.0]]), "gap:brisque": torch.tensor([[-2.0, -3.0]])},
+           "far": {"psnr": torch.tensor([[20.0, 40.0]]), "gap:brisque": torch.tensor([[-5.0, -5.0]])}}
+    d = paired_deltas(rw, raw, hr, 2, "a", "ref")
+    # over the pair: psnr [29, 31] -> ref [.5, 1], a [0, .5]; gap [-6, -2] -> ref [0, .5], a [1, .75]
+    # total = ½·psnr + ½·gap -> ref [.25, .75], a [.5, .625]
+    assert abs(d["ΔMean@M"] - (0.5625 - 0.5)) < 1e-6 and abs(d["ΔWorst@M"] - (0.5 - 0.25)) < 1e-6
+    assert abs(d["Δstd/img"] - (torch.tensor([0.5, 0.625]).std() - torch.tensor([0.25, 0.75]).std()).item()) < 1e-6
+    assert d["win rate"] == 0.5  # seed 0: .5 > .25; seed 1: .625 < .75
+    # pooled with "far": psnr's range is [20, 40], so the gap term decides and the sign is kept here,
+    # but the size changes; with the gap term's range widened instead the sign flips
+    names = ["ref", "a", "far"]
+    pooled = pooled_total(rw, raw, names, hr)
+    pooled_d = best_mean_worst(row_block(pooled, names, 2, "a"))["mean"][-1] - best_mean_worst(row_block(pooled, names, 2, "ref"))["mean"][-1]
+    assert abs(pooled_d - d["ΔMean@M"]) > 0.05
+    raw["far"] = {"psnr": torch.tensor([[30.0, 30.0]]), "gap:brisque": torch.tensor([[-40.0, 0.0]])}
+    pooled = pooled_total(rw, raw, names, hr)
+    pooled_d = best_mean_worst(row_block(pooled, names, 2, "a"))["mean"][-1] - best_mean_worst(row_block(pooled, names, 2, "ref"))["mean"][-1]
+    assert pooled_d < 0 < d["ΔMean@M"]  # the pooled change flips sign; the paired one is unchanged:
+    assert paired_deltas(rw, raw, hr, 2, "a", "ref") == d
 
 
 def test_eval_reports_each_policy_under_its_own_training_reward(tmp_path, policy_dir):

@@ -1,8 +1,12 @@
 """Best@M / Mean@M / Worst@M of a reward and of metrics, reference vs aligned policy.
 
 Both policies sample the same M noises per LR (equal seeds), so "win rate at equal seed" is
-well defined. The reward is normalised per LR over the pooled 2M samples (reference and
-aligned), so the two policies are ranked on one scale.
+well defined. An aligned policy's change against its reference (ΔMean@M, ΔWorst@M, Δstd/img, win
+rate, and the same under the reward it trained on) uses the reward normalised per LR over the
+pooled 2M samples of those two rows only, so it does not depend on which other rows an evaluation
+holds. The table's Mean@M / Best@M / Worst@M columns put every row on one scale instead
+(normalised per LR over all rows' samples): with per-term min-max, adding a row rescales each term,
+so differences of those columns can change size and even sign from one evaluation to another.
 """
 
 from __future__ import annotations
@@ -80,8 +84,11 @@ class EvalResult:
     thresholds: dict[str, float] = field(default_factory=dict)
     reward_kind: str = "hybrid"  # "hybrid" (DP²O-SR) or "attribute" (GDPO-SR)
     # aligned row -> {"reward": the reward it trained on, in words; "ΔMean@M", "ΔWorst@M": its change
-    # against its reference under that reward, pooled and normalised like the common reward}
+    # against its reference under that reward, normalised over the two rows (``paired_deltas``)}
     trained: dict[str, dict] = field(default_factory=dict)
+    # aligned row -> {"ΔMean@M", "ΔWorst@M", "Δstd/img", "win rate"} against its reference under the
+    # table's reward, normalised per LR over the two rows' samples only (``paired_deltas``)
+    paired: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -109,19 +116,33 @@ def row_block(total: Tensor, names: list[str], m: int, row: str) -> Tensor:
     return total[:, i * m : (i + 1) * m]
 
 
+def paired_deltas(reward: HybridReward | AttributeReward, raw: dict[str, dict[str, Tensor]], hr: Tensor, m: int,
+                  row: str, baseline: str) -> dict[str, float]:
+    """``row`` against ``baseline`` (same seeds) under ``reward`` normalised per LR over these two
+    rows' 2M samples only, so the result does not depend on which other rows are evaluated.
+
+    ``raw``: {row: {metric: [n,M]}} holding the reward's metrics. Returns ΔMean@M, ΔWorst@M and
+    Δstd/img (reward units, each term min-max normalised to [0, 1] per LR over the pair) and the win
+    rate (share of (LR, seed) where ``row`` scores higher than ``baseline``; ties count ½)."""
+    total = pooled_total(reward, raw, [row, baseline], hr)
+    cur, base = total[:, :m], total[:, m:]
+    c, b = best_mean_worst(cur), best_mean_worst(base)
+    return {"ΔMean@M": c["mean"][-1] - b["mean"][-1], "ΔWorst@M": c["worst"][-1] - b["worst"][-1],
+            "Δstd/img": seed_std(cur) - seed_std(base),
+            "win rate": float((cur > base).float().mean() + 0.5 * (cur == base).float().mean())}
+
+
 def trained_deltas(reward: HybridReward | AttributeReward, raw: dict[str, dict[str, Tensor]], samples: dict[str, Tensor],
-                   hr: Tensor, names: list[str], m: int, row: str, baseline: str) -> dict:
-    """``row``'s ΔMean@M and ΔWorst@M against ``baseline`` under ``reward``, normalised per LR over
-    every row's samples pooled (as the common reward is). ``raw``: {row: {metric: [n,M]}}, extended
-    in place with the scores ``reward`` needs and the table lacks; samples {row: [n,M,3,H,W]}."""
-    need = [x for x in reward.metrics if x.name not in raw[names[0]]]
+                   hr: Tensor, m: int, row: str, baseline: str) -> dict:
+    """``row``'s ΔMean@M and ΔWorst@M against ``baseline`` under ``reward`` (``paired_deltas``:
+    normalised per LR over the two rows' samples). ``raw``: {row: {metric: [n,M]}}, extended in
+    place with the scores ``reward`` needs and the table lacks; samples {row: [n,M,3,H,W]}."""
+    need = [x for x in reward.metrics if x.name not in raw[row]]
     if need:
-        for k in names:
+        for k in (row, baseline):
             raw[k].update(score_group(need, samples[k], hr))
-    total = pooled_total(reward, raw, names, hr)
-    cur, base = (best_mean_worst(row_block(total, names, m, k)) for k in (row, baseline))
-    return {"reward": reward_name(reward), "ΔMean@M": cur["mean"][-1] - base["mean"][-1],
-            "ΔWorst@M": cur["worst"][-1] - base["worst"][-1]}
+    d = paired_deltas(reward, raw, hr, m, row, baseline)
+    return {"reward": reward_name(reward), "ΔMean@M": d["ΔMean@M"], "ΔWorst@M": d["ΔWorst@M"]}
 
 
 @dataclass
@@ -150,8 +171,9 @@ def evaluate_policies(
 ) -> tuple[EvalResult, dict[str, Tensor]]:
     """Sample M seeds per held-out LR for every spec; reward curves and per-metric statistics.
 
-    The reward (DP²O-SR's hybrid or GDPO-SR's attribute-aware one) is normalised per LR over all
-    specs' samples pooled, so rows share one scale.
+    The table's reward (DP²O-SR's hybrid or GDPO-SR's attribute-aware one) is normalised per LR
+    over all specs' samples pooled, so rows share one scale; each aligned row's change against its
+    baseline and its win rate (``EvalResult.paired``) over those two rows' samples only.
     Beside the policies: the HR's own no-reference scores, bicubic upsampling's scores, each
     row's sharpness and smooth-region noise relative to the HR, and the hacking flags of every
     row that has a baseline (``eval.hacking``).
@@ -180,12 +202,12 @@ def evaluate_policies(
         res.reward_std[k] = seed_std(r)
     for k, sp in specs.items():
         if sp.baseline is not None:
-            b = per[sp.baseline]
-            res.win_rate[k] = float((per[k] > b).float().mean() + 0.5 * (per[k] == b).float().mean())
+            res.paired[k] = paired_deltas(reward, raw, hr, m, k, sp.baseline)
+            res.win_rate[k] = res.paired[k]["win rate"]
     for k, tr in (trained or {}).items():
         if k not in specs or specs[k].baseline is None:
             raise ValueError(f"trained reward for {k!r}: no aligned row of that name with a reference")
-        res.trained[k] = trained_deltas(tr, raw, samples, hr, names, m, k, specs[k].baseline)
+        res.trained[k] = trained_deltas(tr, raw, samples, hr, m, k, specs[k].baseline)
     for metric in [*reward.metrics, *extra]:
         res.metrics[metric.name] = {}
         for k in names:

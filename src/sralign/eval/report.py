@@ -98,9 +98,13 @@ def delta_rows(result) -> list[dict]:
         ref = next((r for r in result.reward if r.startswith("reference (") and result.samplers.get(r) == result.samplers.get(name)), None)
         if ref is None:
             continue
-        cur, base = result.reward[name], result.reward[ref]
-        d_mean, d_worst = cur["mean"][-1] - base["mean"][-1], cur["worst"][-1] - base["worst"][-1]
-        d_std = result.reward_std[name] - result.reward_std[ref]
+        pair = getattr(result, "paired", {}).get(name)
+        if pair:  # normalised over the row and its reference only (``bestof.paired_deltas``)
+            d_mean, d_worst, d_std = pair["ΔMean@M"], pair["ΔWorst@M"], pair["Δstd/img"]
+        else:  # a result without it (hand-made): the difference of the table's columns
+            cur, base = result.reward[name], result.reward[ref]
+            d_mean, d_worst = cur["mean"][-1] - base["mean"][-1], cur["worst"][-1] - base["worst"][-1]
+            d_std = result.reward_std[name] - result.reward_std[ref]
         row = {"policy": name, "vs": ref, "ΔMean@M": d_mean, "ΔWorst@M": d_worst, "Δstd/img": d_std,
                "ΔWorst−ΔMean": d_worst - d_mean, "spread claim": "yes" if spread_claim(d_mean, d_worst, d_std) else "no"}
         for f in ("psnr", "psnr_rgb", "ssim"):
@@ -160,9 +164,12 @@ def legend(result) -> str:
             f"{th['psnr_drop_db']} dB or SSIM by more than {th['ssim_drop']}, or when sharp/HR exceeds {th['sharp_max']} "
             f"or noise/HR exceeds {th['noise_max']} (and its reference's). Spread claim (DP²O-SR): yes when, against "
             f"the reference, Worst@M rises by more than Mean@M (ΔWorst@M > 0 and ΔWorst−ΔMean > 0) and std/img falls."
+            + (" Changes against the reference (ΔMean@M, ΔWorst@M, Δstd/img, win rate) normalise the reward per LR over "
+               "that policy's and its reference's samples only, so they do not depend on the other rows; the table's "
+               "Mean@M / Best@M / Worst@M / std/img put every row on one scale (normalised over all rows' samples), so "
+               "their differences need not equal the changes." if getattr(result, "paired", None) else "")
             + (" ΔMean@M / ΔWorst@M (trained): the same change under the reward that policy trained on (column "
-               "trained reward; min-max normalised per LR over every row's samples, as the table's reward is)."
-               if getattr(result, "trained", None) else ""))
+               "trained reward)." if getattr(result, "trained", None) else ""))
 
 
 def _html_table(table_md: str, title: str) -> str:
