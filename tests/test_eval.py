@@ -161,6 +161,7 @@ def test_delta_rows_against_the_reference_of_the_same_sampler():
         reward={"reference (ode)": cur(0.3, 0.2), "a": cur(0.5, 0.45), "reference (onestep)": cur(0.4, 0.3), "b": cur(0.45, 0.32)},
         samplers={"reference (ode)": "ode", "a": "ode", "reference (onestep)": "onestep", "b": "onestep"},
         reward_std={"reference (ode)": 0.05, "a": 0.03, "reference (onestep)": 0.02, "b": 0.025},
+        paired={"a": {"ΔMean@M": 0.2, "ΔWorst@M": 0.25, "Δstd/img": -0.02}, "b": {"ΔMean@M": 0.05, "ΔWorst@M": 0.02, "Δstd/img": 0.005}},
         metrics={"psnr": {"reference (ode)": {"mean": 28.0}, "a": {"mean": 28.05}, "reference (onestep)": {"mean": 29.0}, "b": {"mean": 28.5}}},
         stats={k: {"sharp/HR": 0.7, "noise/HR": 0.8} for k in ("reference (ode)", "a", "reference (onestep)", "b")},
         flags={"a": [], "b": ["x"]},
@@ -203,6 +204,7 @@ def test_spread_claim_column_and_line_from_hand_made_results(tmp_path):
         reward={"reference (ode)": cur(0.30, 0.20), "dp2o": cur(0.5773, 0.4693), "good": cur(0.40, 0.35)},
         samplers={"reference (ode)": "ode", "dp2o": "ode", "good": "ode"},
         reward_std={"reference (ode)": 0.0589, "dp2o": 0.0586, "good": 0.0400},
+        paired={"dp2o": {"ΔMean@M": 0.2773, "ΔWorst@M": 0.2693, "Δstd/img": -0.0003}, "good": {"ΔMean@M": 0.10, "ΔWorst@M": 0.15, "Δstd/img": -0.0189}},
         win_rate={"dp2o": 0.9, "good": 0.8},
         metrics={"psnr": {k: {"mean": 28.0, "higher_is_better": True} for k in ("reference (ode)", "dp2o", "good")}},
         stats={k: {"sharp/HR": 0.9, "noise/HR": 1.0} for k in ("reference (ode)", "dp2o", "good", "bicubic")},
@@ -343,8 +345,9 @@ def test_trained_deltas_hand_computed_under_the_attribute_reward():
 
 def test_paired_deltas_do_not_depend_on_the_other_rows():
     """A change against the reference is normalised over the two rows only: a third row that widens
-    one term's range (here PSNR) rescales that term in a pooled normalisation and flips the sign of
-    the pooled ΔMean@M, but leaves the paired change as computed by hand."""
+    one term's range rescales that term in a pooled normalisation — widening PSNR's changes the
+    pooled ΔMean@M's size, widening the gap term's flips its sign — but leaves the paired change as
+    computed by hand."""
     from sralign.eval.bestof import best_mean_worst, paired_deltas, pooled_total, row_block
     from sralign.rewards.hybrid import HybridReward
 
@@ -362,13 +365,14 @@ def test_paired_deltas_do_not_depend_on_the_other_rows():
     # pooled with "far": psnr's range is [20, 40], so the gap term decides and the sign is kept here,
     # but the size changes; with the gap term's range widened instead the sign flips
     names = ["ref", "a", "far"]
-    pooled = pooled_total(rw, raw, names, hr)
-    pooled_d = best_mean_worst(row_block(pooled, names, 2, "a"))["mean"][-1] - best_mean_worst(row_block(pooled, names, 2, "ref"))["mean"][-1]
-    assert abs(pooled_d - d["ΔMean@M"]) > 0.05
+
+    def pooled_d():  # ΔMean@M of "a" against "ref" with all three rows normalised together
+        pooled = pooled_total(rw, raw, names, hr)
+        return best_mean_worst(row_block(pooled, names, 2, "a"))["mean"][-1] - best_mean_worst(row_block(pooled, names, 2, "ref"))["mean"][-1]
+
+    assert abs(pooled_d() - d["ΔMean@M"]) > 0.05
     raw["far"] = {"psnr": torch.tensor([[30.0, 30.0]]), "gap:brisque": torch.tensor([[-40.0, 0.0]])}
-    pooled = pooled_total(rw, raw, names, hr)
-    pooled_d = best_mean_worst(row_block(pooled, names, 2, "a"))["mean"][-1] - best_mean_worst(row_block(pooled, names, 2, "ref"))["mean"][-1]
-    assert pooled_d < 0 < d["ΔMean@M"]  # the pooled change flips sign; the paired one is unchanged:
+    assert pooled_d() < 0 < d["ΔMean@M"]  # the pooled change flips sign; the paired one is unchanged:
     assert paired_deltas(rw, raw, hr, 2, "a", "ref") == d
 
 

@@ -47,9 +47,10 @@ class DemoConfig:
     # method's own training reward rise in Mean@M and Worst@M, PSNR-Y falls by at most 0.1 dB and
     # SSIM by at most 0.005, and no hacking flag is raised. A method with no passing setting takes
     # the one meeting the most of those conditions within the demo's 10-minute budget (README, "The
-    # three-seed rule on the re-made checkpoint" and "Changes measured on the pair"). The hybrid's NR half gets a quarter of the weight
-    # (NR_WEIGHT; the library default is half): at half, DGPO and DP²O-SR bought the NR gap terms'
-    # texture with PSNR on the selection photographs (−1.87 and −0.17 dB, stage-3 checkpoint).
+    # three-seed rule on the re-made checkpoint" and "Changes measured on the pair"). The hybrid's
+    # NR half gets a quarter of the weight (NR_WEIGHT; the library default is half): at half, DGPO
+    # and DP²O-SR bought the NR gap terms' texture with PSNR on the selection photographs (−1.87
+    # and −0.17 dB, stage-3 checkpoint).
     # DP²O-SR ranks its candidates with GDPO-SR's attribute-aware reward (PSNR-Y on the HR's smooth
     # share, the NR gaps on its texture): ranked by the hybrid it added grain to flat crops. With the
     # re-made checkpoint lr 1e-5 × 90 steps passes the rule (measured with each change normalised

@@ -194,10 +194,8 @@ def evaluate_policies(
     total = pooled_total(reward, raw, names, hr)
     res = EvalResult(m=m, reward_names=reward.names, heldout_metrics=[x.name for x in extra],
                      reward_kind="attribute" if isinstance(reward, AttributeReward) else "hybrid")
-    per = {}
     for k in names:
         r = row_block(total, names, m, k)
-        per[k] = r
         res.reward[k] = best_mean_worst(r)
         res.reward_std[k] = seed_std(r)
     for k, sp in specs.items():

@@ -98,13 +98,8 @@ def delta_rows(result) -> list[dict]:
         ref = next((r for r in result.reward if r.startswith("reference (") and result.samplers.get(r) == result.samplers.get(name)), None)
         if ref is None:
             continue
-        pair = getattr(result, "paired", {}).get(name)
-        if pair:  # normalised over the row and its reference only (``bestof.paired_deltas``)
-            d_mean, d_worst, d_std = pair["ΔMean@M"], pair["ΔWorst@M"], pair["Δstd/img"]
-        else:  # a result without it (hand-made): the difference of the table's columns
-            cur, base = result.reward[name], result.reward[ref]
-            d_mean, d_worst = cur["mean"][-1] - base["mean"][-1], cur["worst"][-1] - base["worst"][-1]
-            d_std = result.reward_std[name] - result.reward_std[ref]
+        pair = result.paired[name]  # normalised over the row and its reference only (``bestof.paired_deltas``)
+        d_mean, d_worst, d_std = pair["ΔMean@M"], pair["ΔWorst@M"], pair["Δstd/img"]
         row = {"policy": name, "vs": ref, "ΔMean@M": d_mean, "ΔWorst@M": d_worst, "Δstd/img": d_std,
                "ΔWorst−ΔMean": d_worst - d_mean, "spread claim": "yes" if spread_claim(d_mean, d_worst, d_std) else "no"}
         for f in ("psnr", "psnr_rgb", "ssim"):
